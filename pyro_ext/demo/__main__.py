@@ -1,0 +1,5 @@
+import sys
+
+from pyro_ext.demo._runner import main
+
+sys.exit(main())

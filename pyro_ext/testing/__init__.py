@@ -1,0 +1,14 @@
+"""Importable test mixins, in the manner of :mod:`gpytorch.test`.
+
+A part's tests (and a user's tests of their own extensions) subclass these mixins and fill in
+a few factory methods; the mixins then run the checks every object of that kind must pass.
+
+- :class:`~pyro_ext.testing.modules.ModuleTestMixin`: ``state_dict`` round trip, float32 and
+  float64, reproducibility under a seed, CUDA when available.
+
+This package imports no part of pyro_ext (parts' tests import it, not the other way round).
+"""
+
+from pyro_ext.testing.modules import ModuleTestMixin
+
+__all__ = ["ModuleTestMixin"]
