@@ -26,14 +26,15 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
-from pyro.infer.autoguide import AutoGuide, AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide import AutoGuide, AutoMultivariateNormal, AutoNormal, init_to_median
 from pyro.optim import ClippedAdam
 from tqdm.auto import tqdm
 
+from pyro_ext.infer.hybrid import HybridELBO, HybridGuide
 from pyro_ext.infer.network_distributions import DelayDistribution
 from pyro_ext.infer.networks import CouplingPosterior, DelayedLinearNetwork
 
-__all__ = ["MAX_ENUMERATED_JOINT", "fit_joint", "fit_naive", "fit_oracle"]
+__all__ = ["MAX_ENUMERATED_JOINT", "build_hybrid_guide", "fit_hybrid", "fit_joint", "fit_naive", "fit_oracle"]
 
 # fit_joint enumerates a joint categorical q(delta) up to this many configurations (design §3.3).
 MAX_ENUMERATED_JOINT = 64
@@ -247,3 +248,130 @@ def fit_joint(
         method=f"joint-{guide}",
         extras={"loss": losses, "delay_probs": probs, "enumerated": enumerate_joint},
     )
+
+
+def _init_keep_discrete(site: dict) -> torch.Tensor:
+    # Pyro's init_to_median treats the event-shaped discrete "delay" as multivariate and fails; a prior
+    # draw is a valid initial value for it (stage 1 replaces it anyway).
+    if site["fn"].support.is_discrete:
+        return site["fn"].sample()
+    return init_to_median(site)
+
+
+def build_hybrid_guide(
+    net: DelayedLinearNetwork,
+    num_simulations: int = 40_000,
+    *,
+    summary_net: Any = "timeseries",
+    conditional_guide: Any = "per_support",
+    support_threshold: float = 1e-3,
+    num_conditional_samples: int = 16,
+    batch_size: int = 512,
+    max_epochs: int = 200,
+    lr: float = 1e-3,
+    patience: int = 10,
+    progress_bar: bool = False,
+    generator: torch.Generator | None = None,
+) -> HybridGuide:
+    r"""A :class:`~pyro_ext.infer.hybrid.HybridGuide` for ``net`` with stage 1 fitted, ready for any data set.
+
+    Forward site ``"delay"`` (categorical over the joint delay support), summary of ``y`` by lagged
+    auto/cross-correlations (``"timeseries"``), trained on ``num_simulations`` draws of
+    :meth:`DelayedLinearNetwork.simulate_sites` (the prior with the stability rejection).  Stage 1 is
+    amortized: pass the returned guide to :func:`fit_hybrid` for every data set of this network.
+
+    :param DelayedLinearNetwork net: the model.
+    :param int num_simulations: prior simulations for the forward-KL fit.
+    :param summary_net: as :class:`~pyro_ext.infer.hybrid.HybridGuide` (``"timeseries"`` by default).
+    :param conditional_guide: ``"per_support"`` (one Gaussian per kept delay configuration, default),
+        ``"per_sample"`` or a factory.
+    :param float support_threshold: configurations with :math:`q_\phi > ` this are kept in stage 2.
+    :param int num_conditional_samples: ``K`` draws of the delays for ``"per_sample"``.
+    :param generator: seeds the simulations and the stage-1 training.
+
+    Example::
+
+        >>> guide = build_hybrid_guide(net, 40_000)
+        >>> posts = [fit_hybrid(net, y, guide=guide) for y in data.y]
+    """
+    net = _check_network(net)
+    guide = HybridGuide(
+        net,
+        forward_sites=["delay"],
+        summary_net=summary_net,
+        forward_family="categorical",
+        conditional_guide=conditional_guide,
+        observed_sites=["y"],
+        support_threshold=support_threshold,
+        num_conditional_samples=num_conditional_samples,
+        init_loc_fn=_init_keep_discrete,
+    )
+    template = torch.zeros(net.num_steps, net.num_nodes, dtype=net.dtype, device=net.device)
+    guide.fit_forward(
+        num_simulations,
+        template,
+        simulator=net.simulate_sites,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        lr=lr,
+        patience=patience,
+        progress_bar=progress_bar,
+        generator=generator,
+    )
+    return guide
+
+
+def fit_hybrid(
+    net: DelayedLinearNetwork,
+    y: torch.Tensor,
+    *,
+    guide: HybridGuide | None = None,
+    num_simulations: int = 40_000,
+    num_steps: int = 1000,
+    lr: float = 0.02,
+    num_particles: int = 1,
+    num_samples: int = 4000,
+    progress_bar: bool = False,
+    generator: torch.Generator | None = None,
+) -> CouplingPosterior:
+    r"""The hybrid forward-KL / reverse-KL posterior of ``C`` (design note §1).
+
+    Stage 1 (:func:`build_hybrid_guide`, unless a fitted ``guide`` is passed) gives
+    :math:`q_\phi(\delta \mid y)`; stage 2 fits one Gaussian :math:`q_\psi(C \mid \delta_c, y)` per kept
+    configuration with :class:`~pyro_ext.infer.hybrid.HybridELBO` (``ClippedAdam``, learning rate decayed to
+    ``lr / 10``); draws come from the mixture :math:`\sum_c w_c\, q_\psi(C \mid \delta_c)`, whose
+    variance includes the between-configuration spread: where plausible delays imply different
+    directions, intervals widen to cover 0 instead of picking a sign.
+
+    ``extras``: ``delay_configurations`` ``[S, d]`` and ``delay_probs`` ``[S]`` (the kept components and
+    their weights), ``dropped_mass``, ``loss``, ``guide``.
+
+    :param torch.Tensor y: ``[T, N]``.
+    :param HybridGuide guide: a guide from :func:`build_hybrid_guide` (stage 2 is reset for this ``y``).
+    :param int num_simulations: stage-1 simulations when no guide is given.
+
+    Example::
+
+        >>> post = fit_hybrid(net, y, guide=guide)
+        >>> post.declared(0.95)
+    """
+    net = _check_network(net)
+    y = net.check_data(y)
+    _check_steps(num_steps, lr, num_particles, num_samples)
+    if guide is None:
+        guide = build_hybrid_guide(net, num_simulations, progress_bar=progress_bar, generator=generator)
+    elif not isinstance(guide, HybridGuide):
+        raise TypeError(f"guide must be a HybridGuide (see build_hybrid_guide); got {type(guide).__name__}")
+    guide.reset_conditional()
+    with _private_param_store():
+        elbo = HybridELBO(num_particles=num_particles, vectorize_particles=True)  # components in one batch
+        svi = SVI(net, guide, _optimizer(lr, num_steps), elbo)
+        losses = _run_svi(svi, y, num_steps, progress_bar, "hybrid")
+        with torch.no_grad():
+            draws = guide.sample_posterior(num_samples, y, generator=generator)
+            components = guide.components(y) if guide.uses_components else None
+    extras: dict[str, Any] = {"loss": losses, "guide": guide, "dropped_mass": guide.dropped_mass}
+    if components is not None:
+        extras["delay_configurations"] = components.values["delay"]
+        extras["delay_probs"] = components.weights
+    return CouplingPosterior(draws["coupling"], method="hybrid", extras=extras)
