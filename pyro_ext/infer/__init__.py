@@ -22,7 +22,7 @@ from pyro_ext.infer.conditionals import AmortizedConditional, PerSampleCondition
 from pyro_ext.infer.forward_families import CategoricalFamily, FlowFamily, MixtureFamily, NormalFamily
 from pyro_ext.infer.forward_stage import ForwardPosterior
 from pyro_ext.infer.hybrid import ComponentWeights, ForwardFitHistory, HybridELBO, HybridGuide, MixtureMoments
-from pyro_ext.infer.network_fits import fit_joint, fit_naive, fit_oracle
+from pyro_ext.infer.network_fits import build_hybrid_guide, fit_hybrid, fit_joint, fit_naive, fit_oracle
 from pyro_ext.infer.networks import CouplingPosterior, DelayedLinearNetwork, NetworkSimulation
 from pyro_ext.infer.rdcm import fit_rdcm
 from pyro_ext.infer.simulation import simulate_prior
@@ -53,7 +53,9 @@ __all__ = [
     "SimulatedDatasets",
     "SiteInfo",
     "TimeSeriesSummary",
+    "build_hybrid_guide",
     "coverage",
+    "fit_hybrid",
     "fit_joint",
     "fit_naive",
     "fit_oracle",

@@ -157,12 +157,32 @@ def _check_draws(draws: Mapping[str, torch.Tensor], sites: Sequence[str], truth:
             )
 
 
+def _element_masks(
+    masks: Mapping[str, torch.Tensor] | None, sites: Sequence[str], datasets: SimulatedDatasets
+) -> dict[str, torch.Tensor | None]:
+    out: dict[str, torch.Tensor | None] = {name: None for name in sites}
+    for name, mask in (masks or {}).items():
+        if name not in out:
+            raise ValueError(f"masks: {name!r} is not one of the scored sites {list(sites)}")
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        shape = datasets.truth[name].shape[1:]
+        if mask.shape != shape:
+            raise ValueError(
+                f"masks[{name!r}] has shape {tuple(mask.shape)}; the site's shape is {tuple(shape)}"
+            )
+        if not mask.any():
+            raise ValueError(f"masks[{name!r}] selects no element")
+        out[name] = mask.reshape(-1)
+    return out
+
+
 def coverage(
     fit_fn: Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]],
     datasets: SimulatedDatasets,
     sites: Sequence[str],
     levels: Sequence[float] = (0.5, 0.9, 0.95),
     progress_bar: bool = False,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> CoverageResult:
     """Share of true values inside the sampler's central posterior intervals.
 
@@ -170,6 +190,8 @@ def coverage(
     :param SimulatedDatasets datasets: truth and data, e.g. from :func:`simulate_datasets`.
     :param sites: the latent sites scored (all their elements).
     :param levels: central interval probabilities.
+    :param masks: optional boolean masks ``{site: Tensor[*site_shape]}`` selecting the elements scored
+        (e.g. the off-diagonal entries of a coupling matrix whose diagonal is structurally zero).
     :returns: :class:`CoverageResult`.
     """
     levels = [float(level) for level in levels]
@@ -181,6 +203,7 @@ def coverage(
         raise ValueError(
             f"sites {missing} have no ground truth in datasets (it holds {sorted(datasets.truth)})"
         )
+    selected = _element_masks(masks, sites, datasets)
     from tqdm.auto import tqdm
 
     covered: dict[float, list[torch.Tensor]] = {level: [] for level in levels}
@@ -196,6 +219,8 @@ def coverage(
             for name in sites:
                 lower, upper = _central_interval(draws[name], level)
                 true = truth[name].reshape(-1).to(torch.float64)
+                if selected[name] is not None:
+                    lower, upper, true = lower[selected[name]], upper[selected[name]], true[selected[name]]
                 inside = (lower <= true) & (true <= upper)
                 site_covered[name][level].append(inside)
                 row.append(inside)
@@ -237,8 +262,11 @@ def sbc_ranks(
     num_posterior_samples: int = 99,
     generator: torch.Generator | None = None,
     progress_bar: bool = False,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """SBC ranks ``{site: LongTensor[N, E]}`` in ``0..num_posterior_samples`` of each true value.
+
+    ``masks`` selects elements as in :func:`coverage` (``E`` is then the number selected).
 
     ``fit_fn`` must return at least ``num_posterior_samples`` draws (the first ones are used; they should be
     independent, e.g. thinned MCMC).
@@ -246,6 +274,7 @@ def sbc_ranks(
     from tqdm.auto import tqdm
 
     sites = list(sites)
+    selected = _element_masks(masks, sites, datasets)
     ranks: dict[str, list[torch.Tensor]] = {name: [] for name in sites}
     for truth, observed in tqdm(datasets, total=len(datasets), disable=not progress_bar, desc="sbc"):
         draws = fit_fn(observed)
@@ -257,11 +286,10 @@ def sbc_ranks(
                     f"fit_fn returned {value.shape[0]} draws for site {name!r}; sbc_ranks needs "
                     f"num_posterior_samples={num_posterior_samples}"
                 )
-            ranks[name].append(
-                rank_statistics(
-                    truth[name].unsqueeze(0), value[:num_posterior_samples].unsqueeze(1), generator
-                )[0]
-            )
+            rank = rank_statistics(
+                truth[name].unsqueeze(0), value[:num_posterior_samples].unsqueeze(1), generator
+            )[0]
+            ranks[name].append(rank if selected[name] is None else rank[selected[name]])
     return {name: torch.stack(values) for name, values in ranks.items()}
 
 

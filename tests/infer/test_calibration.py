@@ -72,6 +72,28 @@ def test_coverage_of_the_exact_posterior_is_nominal(datasets):
     assert result.per_site["a"][0.9] > 0.8 and result.mean_width[0.9] > result.mean_width[0.5]
 
 
+def test_masks_select_elements():
+    def vector_model(y=None):
+        c = pyro.sample("c", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        return pyro.sample("y", dist.Normal(c, 1.0).to_event(1), obs=y)
+
+    data = simulate_datasets(vector_model, 20, torch.zeros(3), generator=torch.Generator().manual_seed(1))
+
+    def sampler(observed):  # right on elements 0 and 1, absurdly wrong on element 2
+        draws = dist.Normal(observed["y"] / 2, math.sqrt(0.5)).sample((200,))
+        draws[:, 2] = 100.0
+        return {"c": draws}
+
+    mask = torch.tensor([True, True, False])
+    result = coverage(sampler, data, sites=["c"], levels=(0.9,), masks={"c": mask})
+    assert result.covered[0.9].shape == (20, 2) and result.coverage[0.9] > 0.7
+    assert coverage(sampler, data, sites=["c"], levels=(0.9,)).coverage[0.9] < 0.7
+    ranks = sbc_ranks(sampler, data, sites=["c"], num_posterior_samples=99, masks={"c": mask})
+    assert ranks["c"].shape == (20, 2)
+    with pytest.raises(ValueError, match="shape"):
+        coverage(sampler, data, sites=["c"], masks={"c": torch.ones(2, dtype=torch.bool)})
+
+
 @pytest.mark.parametrize("scale, direction", [(0.5, -1), (2.0, 1)])
 def test_coverage_detects_miscalibration(datasets, scale, direction):
     result = coverage(exact_sampler(scale), datasets, sites=["a"], levels=(0.9,))
