@@ -47,7 +47,7 @@ class CellConfig:
     num_datasets: int = 50
     hrf: str | None = None
     max_delay: int = 3
-    svi_steps: int = 1000
+    svi_steps: int = 300
     num_simulations: int = 40_000
     num_conditional_samples: int = 16
     seed: int = 0
@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--truth", nargs="+", default=["sparse", "prior"], choices=["sparse", "prior", "mds"])
     parser.add_argument("--hrf", nargs="+", default=["none"], choices=["none", "canonical"])
     parser.add_argument("--datasets", type=int, default=50)
-    parser.add_argument("--svi-steps", type=int, default=1000)
+    parser.add_argument("--svi-steps", type=int, default=300)
     parser.add_argument("--simulations", type=int, default=40_000)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--results", type=Path, default=None, help="JSON-lines file (resumes if it exists)")

