@@ -84,6 +84,11 @@ def simulate_datasets(
     :param latent_sites: the latent sites to record (default: every other sample site).
     :param simulator: optional custom prior sampler (see :func:`~pyro_ext.infer.simulation.simulate_prior`).
     :param generator: seeds the draws.
+
+    Example::
+
+        datasets = simulate_datasets(model, 100, y_template, generator=torch.Generator().manual_seed(0))
+        truth, observed = datasets[0]
     """
     import pyro.poutine as poutine
 
@@ -193,6 +198,15 @@ def coverage(
     :param masks: optional boolean masks ``{site: Tensor[*site_shape]}`` selecting the elements scored
         (e.g. the off-diagonal entries of a coupling matrix whose diagonal is structurally zero).
     :returns: :class:`CoverageResult`.
+
+    Example::
+
+        def fit_fn(observed):
+            guide.reset_conditional()
+            ...  # stage 2 on observed["y"]
+            return guide.sample_posterior(1000, observed["y"])
+
+        coverage(fit_fn, datasets, sites=["coupling"], levels=(0.9,)).coverage[0.9]
     """
     levels = [float(level) for level in levels]
     if not all(0 < level < 1 for level in levels):
@@ -268,6 +282,13 @@ def sbc_ranks(
 
     ``masks`` selects elements as in :func:`coverage` (``E`` is then the number selected).
 
+    Example::
+
+        ranks = sbc_ranks(fit_fn, datasets, sites=["d"], num_posterior_samples=99)
+        sbc_uniformity(ranks, 99).p_value
+
+    References: Talts et al., arXiv:1804.06788.
+
     ``fit_fn`` must return at least ``num_posterior_samples`` draws (the first ones are used; they should be
     independent, e.g. thinned MCMC).
     """
@@ -336,6 +357,12 @@ def sbc_uniformity(
         least 5 expected counts per bin).
     :returns: :class:`SBCUniformity`; the p-value is the chi-squared survival function with
         ``num_bins - 1`` degrees of freedom (``torch.special.gammaincc``).
+
+    .. math::
+        \\chi^2 = \\sum_{b=1}^{B} \\frac{(n_b - N / B)^2}{N / B}, \\qquad
+        p = Q\\big(\\tfrac{B-1}{2}, \\tfrac{\\chi^2}{2}\\big)
+
+    References: Talts et al., arXiv:1804.06788.
     """
     if isinstance(ranks, Mapping):
         pooled = torch.cat([value.reshape(-1) for value in ranks.values()])

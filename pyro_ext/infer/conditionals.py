@@ -132,6 +132,18 @@ def resolve_conditional_spec(spec: object, all_discrete: bool) -> ConditionalSpe
     )
 
 
+def _to_batch(tensor: torch.Tensor, batch_shape: Sequence[int], event_dims: int) -> torch.Tensor:
+    """Reshape the rows of ``tensor [M, *event]`` (or a shared ``[*event]``) to ``batch_shape``."""
+    batch_shape = torch.Size(batch_shape)
+    event = tensor.shape[tensor.dim() - event_dims :]
+    rows = math.prod(tensor.shape[: tensor.dim() - event_dims])
+    if rows == math.prod(batch_shape):
+        return tensor.reshape(batch_shape + event)
+    if rows == 1:
+        return tensor.reshape(event).expand(batch_shape + event)
+    raise ValueError(f"cannot arrange {rows} Gaussian rows as batch shape {tuple(batch_shape)}")
+
+
 class PointMass(TorchDistribution):
     """A point mass at ``value`` that keeps ``value`` 's dtype (Pyro's ``Delta`` takes the log of it).
 
@@ -204,19 +216,31 @@ class _GaussianConditional(PyroModule):
         return value if index is None else value[index]
 
     def _make_distribution(
-        self, loc: torch.Tensor, index: torch.Tensor | None, log_scale_shift: torch.Tensor | None
+        self,
+        loc: torch.Tensor,
+        index: torch.Tensor | None,
+        log_scale_shift: torch.Tensor | None,
+        batch_shape: Sequence[int] | None = None,
     ) -> TorchDistribution:
+        """The Gaussian with rows ``[M]`` (or reshaped to ``batch_shape``, one row per element)."""
+        dim = self.latent_dim
         if self.spec.covariance == "full":
             scale_tril = self._gather(self.scale_tril, index)
             if log_scale_shift is not None:
                 scale_tril = log_scale_shift.exp().unsqueeze(-1) * scale_tril
+            if batch_shape is not None:
+                loc, scale_tril = _to_batch(loc, batch_shape, 1), _to_batch(scale_tril, batch_shape, 2)
             return dist.MultivariateNormal(loc, scale_tril=scale_tril, validate_args=False)
         cov_factor = self._gather(self.cov_factor, index)
         scale = self._gather(self.scale, index)
         if log_scale_shift is not None:
             scale = scale * log_scale_shift.exp()
+        cov_diag = scale.pow(2).expand(loc.shape[:-1] + (dim,))
+        if batch_shape is not None:
+            loc, cov_diag = _to_batch(loc, batch_shape, 1), _to_batch(cov_diag, batch_shape, 1)
+            cov_factor = _to_batch(cov_factor, batch_shape, 2)
         return dist.LowRankMultivariateNormal(
-            loc, cov_factor=cov_factor, cov_diag=scale.pow(2), validate_args=False
+            loc, cov_factor=cov_factor, cov_diag=cov_diag, validate_args=False
         )
 
     @staticmethod
@@ -284,12 +308,17 @@ class AmortizedGaussianModule(_GaussianConditional):
             return torch.cat([standard, hidden], -1)
         return standard
 
-    def distribution(self, forward_values: Mapping[str, torch.Tensor]) -> TorchDistribution:
-        """q_psi(z | h) for a batch ``{site: [M, *shape]}`` of forward values, batch shape ``[M]``."""
+    def distribution(
+        self, forward_values: Mapping[str, torch.Tensor], batch_shape: Sequence[int] | None = None
+    ) -> TorchDistribution:
+        """q_psi(z | h) for a batch ``{site: [M, *shape]}`` of forward values, batch shape ``[M]``.
+
+        ``batch_shape`` (with ``M`` elements, or any shape if ``M = 1``) reshapes the batch.
+        """
         encoded = self.encode(forward_values)
         loc = self.loc + encoded @ self.weight.T
         shift = encoded @ self.scale_weight.T if self.spec.heteroscedastic else None
-        return self._make_distribution(loc, None, shift)
+        return self._make_distribution(loc, None, shift, batch_shape)
 
 
 class ComponentGaussianModule(_GaussianConditional):
@@ -321,9 +350,11 @@ class ComponentGaussianModule(_GaussianConditional):
             site.name: getattr(self, f"component_values_{i}") for i, site in enumerate(self.forward_sites)
         }
 
-    def distribution(self, index: torch.Tensor) -> TorchDistribution:
-        """q_psi(z | h_c) for component indices ``[M]``, batch shape ``[M]``."""
-        return self._make_distribution(self.loc[index], index, None)
+    def distribution(
+        self, index: torch.Tensor, batch_shape: Sequence[int] | None = None
+    ) -> TorchDistribution:
+        """q_psi(z | h_c) for component indices ``[M]``, batch shape ``[M]`` (or ``batch_shape``)."""
+        return self._make_distribution(self.loc[index], index, None, batch_shape)
 
 
 class FactoryComponentsModule(PyroModule):
@@ -349,13 +380,15 @@ class FactoryComponentsModule(PyroModule):
         for component in range(self.num_components):
             data = {name: value[component] for name, value in values.items()}
             guide = factory(pyro.poutine.condition(model, data=data))
-            from pyro.infer.autoguide import AutoGuide
+            from pyro.infer.autoguide import AutoGuide, AutoMessenger
 
-            if not isinstance(guide, AutoGuide):
+            if not isinstance(guide, (AutoGuide, AutoMessenger)):
                 raise TypeError(
-                    "conditional_guide: a factory must return a pyro AutoGuide (e.g. AutoNormal, "
-                    f"AutoMultivariateNormal); it returned {type(guide).__name__}"
+                    "conditional_guide: a factory must return a pyro AutoGuide or AutoMessenger (e.g. "
+                    "AutoNormal, AutoMultivariateNormal, AutoNormalMessenger); it returned "
+                    f"{type(guide).__name__}"
                 )
+
             setattr(self, f"component_{component}", guide)
 
     def component_values(self) -> dict[str, torch.Tensor]:

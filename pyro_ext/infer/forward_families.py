@@ -124,6 +124,25 @@ class ConditionalDensity(nn.Module):
     def set_statistics(self, values: torch.Tensor) -> None:
         """Set standardisation buffers from simulated values ``[M, *site.shape]`` (no-op by default)."""
 
+    def set_memoize(self, enabled: bool) -> None:
+        """Cache the network outputs of the last context tensor (only valid while the weights are frozen).
+
+        Stage 2 draws from q_phi(h | y_o) at every step with the same context; a frozen density need not
+        recompute its network for it.
+        """
+        self.__dict__["_memoize"] = bool(enabled)
+        self.__dict__["_memo"] = None
+
+    def _memoized(self, context: torch.Tensor, compute) -> Any:
+        if not self.__dict__.get("_memoize", False):
+            return compute(context)
+        memo = self.__dict__.get("_memo")
+        if memo is not None and memo[0] is context and memo[1] == context._version:
+            return memo[2]
+        outputs = compute(context)
+        self.__dict__["_memo"] = (context, context._version, outputs)
+        return outputs
+
     def log_prob(self, value: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -260,6 +279,9 @@ class ConditionalNormal(_UnconstrainedDensity):
         self.net = _mlp(context_features, hidden_features, self.dim + self.num_tril, num_hidden_layers)
 
     def _network_outputs(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._memoized(context, self._compute_outputs)
+
+    def _compute_outputs(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.net(context)
         return out[..., : self.dim], _tril_from_vector(out[..., self.dim :], self.dim)
 
@@ -273,10 +295,10 @@ class ConditionalNormal(_UnconstrainedDensity):
     def sample(
         self, sample_shape: torch.Size, context: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        num, repeated = self._repeat_context(sample_shape, context)
-        loc, scale_tril = self._network_outputs(repeated)
-        noise = torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
-        standard = loc + (scale_tril @ noise.unsqueeze(-1)).squeeze(-1)
+        num = math.prod(sample_shape)
+        loc, scale_tril = self._network_outputs(context)  # once per context row, not per draw
+        noise = torch.randn((num,) + loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
+        standard = (loc + (scale_tril @ noise.unsqueeze(-1)).squeeze(-1)).reshape(-1, self.dim)
         return self._unstandardise(standard).reshape(*sample_shape, context.shape[0], *self.site.shape)
 
     def moments(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,6 +330,9 @@ class ConditionalMixture(_UnconstrainedDensity):
             locs.copy_(torch.randn(locs.shape))
 
     def _network_outputs(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._memoized(context, self._compute_outputs)
+
+    def _compute_outputs(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k, d = self.num_components, self.dim
         out = self.net(context)
         logits = out[..., :k].log_softmax(-1)
@@ -327,12 +352,12 @@ class ConditionalMixture(_UnconstrainedDensity):
     def sample(
         self, sample_shape: torch.Size, context: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        num, repeated = self._repeat_context(sample_shape, context)
-        logits, locs, trils = self._network_outputs(repeated)
-        index = torch.multinomial(logits.exp(), 1, generator=generator).squeeze(-1)
-        rows = torch.arange(index.shape[0], device=index.device)
+        num = math.prod(sample_shape)
+        logits, locs, trils = self._network_outputs(context)  # once per context row, not per draw
+        index = torch.multinomial(logits.exp(), num, replacement=True, generator=generator).T.reshape(-1)
+        rows = torch.arange(context.shape[0], device=index.device).repeat(num)
         noise = torch.randn(
-            locs.shape[0], self.dim, generator=generator, dtype=locs.dtype, device=locs.device
+            index.shape[0], self.dim, generator=generator, dtype=locs.dtype, device=locs.device
         )
         standard = locs[rows, index] + (trils[rows, index] @ noise.unsqueeze(-1)).squeeze(-1)
         return self._unstandardise(standard).reshape(*sample_shape, context.shape[0], *self.site.shape)
@@ -386,8 +411,9 @@ class JointCategorical(_CategoricalDensity):
     def sample(
         self, sample_shape: torch.Size, context: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        num, repeated = self._repeat_context(sample_shape, context)
-        flat = self._draw(self.net(repeated), generator)
+        num = math.prod(sample_shape)
+        probs = self._memoized(context, lambda c: self.net(c).softmax(-1))  # once per context row
+        flat = torch.multinomial(probs, num, replacement=True, generator=generator).T.reshape(-1)
         index = torch.div(flat.unsqueeze(-1), self.strides, rounding_mode="floor") % self.num_categories
         return self.site.from_indices(index).reshape(*sample_shape, context.shape[0], *self.site.shape)
 
@@ -418,9 +444,11 @@ class MeanFieldCategorical(_CategoricalDensity):
     def sample(
         self, sample_shape: torch.Size, context: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        num, repeated = self._repeat_context(sample_shape, context)
-        logits = self._logits(repeated)
-        index = self._draw(logits.reshape(-1, self.num_categories), generator).reshape(logits.shape[:-1])
+        num = math.prod(sample_shape)
+        logits = self._memoized(context, self._logits)  # [N, E, K], once per context row
+        probs = logits.exp().reshape(-1, self.num_categories)
+        index = torch.multinomial(probs, num, replacement=True, generator=generator)  # [N E, num]
+        index = index.T.reshape(num * context.shape[0], self.num_elements)
         return self.site.from_indices(index).reshape(*sample_shape, context.shape[0], *self.site.shape)
 
 
@@ -508,6 +536,8 @@ class FlowFamily:
     Example::
 
         guide = HybridGuide(model, ["scale"], forward_family=FlowFamily(transform="spline"))
+
+    References: arXiv:1705.07057 (MAF); arXiv:1906.04032 (neural spline flows).
     """
 
     def __init__(
@@ -533,7 +563,17 @@ class FlowFamily:
 
 
 class NormalFamily:
-    """Factory of :class:`ConditionalNormal` densities (full-rank Gaussian in unconstrained space)."""
+    """Factory of :class:`ConditionalNormal` densities (full-rank Gaussian in unconstrained space).
+
+    :param int hidden_features: width of the MLP from the context to the location and Cholesky factor.
+    :param int num_hidden_layers: its depth (a linear skip connection is always present).
+
+    Example::
+
+        guide = HybridGuide(model, ["d"], forward_family=NormalFamily(hidden_features=16))
+
+    References: arXiv:1805.11542 (FAVI).
+    """
 
     def __init__(self, hidden_features: int = 64, num_hidden_layers: int = 2) -> None:
         self.options = dict(hidden_features=hidden_features, num_hidden_layers=num_hidden_layers)
@@ -543,7 +583,16 @@ class NormalFamily:
 
 
 class MixtureFamily:
-    """Factory of :class:`ConditionalMixture` densities (mixture density network)."""
+    """Factory of :class:`ConditionalMixture` densities (mixture density network, Bishop 1994).
+
+    :param int num_components: Gaussian components K (full covariance each).
+
+    Example::
+
+        guide = HybridGuide(model, ["offset"], forward_family=MixtureFamily(num_components=3))
+
+    References: arXiv:1805.11542 (FAVI).
+    """
 
     def __init__(
         self, num_components: int = 5, hidden_features: int = 64, num_hidden_layers: int = 2
@@ -565,6 +614,12 @@ class CategoricalFamily:
 
     :param str structure: ``"auto"`` (joint if the product support has at most 4096 points, else
         autoregressive), ``"joint"``, ``"autoregressive"`` or ``"mean_field"``.
+
+    Example::
+
+        guide = HybridGuide(net, ["delay"], forward_family=CategoricalFamily("mean_field"))
+
+    References: arXiv:2406.02545; Germain et al., arXiv:1502.03509 (MADE).
     """
 
     _STRUCTURES = ("auto", "joint", "autoregressive", "mean_field")

@@ -61,6 +61,12 @@ class ForwardStage(nn.Module):
     def device(self) -> torch.device:
         return self.summary.feature_shift.device
 
+    def set_memoize(self, enabled: bool) -> None:
+        """Let the (frozen) densities cache their network outputs for a repeated context."""
+        for density in self.densities:
+            if hasattr(density, "set_memoize"):
+                density.set_memoize(enabled)
+
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """Summary ``[N, C]`` of fixed features ``[N, F]``."""
         return self.summary(features.to(self.dtype))

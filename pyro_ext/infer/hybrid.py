@@ -40,23 +40,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
-from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from pyro.util import check_model_guide_match
 
-from pyro_ext.infer.calibration import SBCResult, sbc_uniformity
 from pyro_ext.infer.conditionals import (
     AmortizedConditional,
     AmortizedGaussianModule,
@@ -69,13 +65,11 @@ from pyro_ext.infer.conditionals import (
     resolve_conditional_spec,
 )
 from pyro_ext.infer.forward_families import validate_family_spec
-from pyro_ext.infer.forward_stage import (
-    ForwardPosterior,
-    ForwardSiteDistribution,
-    ForwardStage,
-    joint_support_points,
-)
-from pyro_ext.infer.simulation import fork_rng_from, simulate_prior
+from pyro_ext.infer.forward_stage import ForwardSiteDistribution, ForwardStage, joint_support_points
+from pyro_ext.infer.forward_training import ForwardFitHistory, train_forward_stage
+from pyro_ext.infer.hybrid_elbo import HybridELBO
+from pyro_ext.infer.hybrid_queries import ComponentWeights, HybridQueries, MixtureMoments
+from pyro_ext.infer.simulation import simulate_prior
 from pyro_ext.infer.site_info import SiteInfo, site_info_from_trace_site
 from pyro_ext.infer.summaries import build_summary
 
@@ -87,60 +81,6 @@ MAX_ENUMERATED_SUPPORT = 4096
 SUPPORT_DISCOVERY_DRAWS = 8192
 #: dropped q_phi mass above which per_support warns (design note §4.1)
 DROPPED_MASS_WARNING = 0.01
-
-
-@dataclass
-class ForwardFitHistory:
-    """What :meth:`HybridGuide.fit_forward` returns: per-epoch mean NLLs and bookkeeping."""
-
-    train_nll: list[float] = field(default_factory=list)
-    validation_nll: list[float] = field(default_factory=list)
-    best_epoch: int = -1
-    num_simulations: int = 0
-    num_dropped: int = 0
-    vectorized: bool = True
-
-    @property
-    def best_validation_nll(self) -> float:
-        return self.validation_nll[self.best_epoch]
-
-
-@dataclass
-class ComponentWeights:
-    """Mixture components of stage 2: their forward values ``{site: [S, *shape]}`` and weights ``[S]``."""
-
-    values: dict[str, torch.Tensor]
-    weights: torch.Tensor
-    log_evidence: torch.Tensor | None = None
-
-
-@dataclass
-class MixtureMoments:
-    """Moments of the remaining sites z (flattened, unconstrained) under the stage-2 mixture.
-
-    ``covariance = within + between`` (law of total variance, design note §1.4), where ``within`` is
-    the weighted average of the component covariances and ``between`` the covariance of the component
-    means. ``covariance`` is computed from the second moment, independently of the split.
-    """
-
-    mean: torch.Tensor
-    covariance: torch.Tensor
-    within: torch.Tensor
-    between: torch.Tensor
-    slices: dict[str, slice]
-    shapes: dict[str, torch.Size]
-
-    def site(self, name: str) -> MixtureMoments:
-        """The block of one site (``mean`` reshaped to its unconstrained shape)."""
-        index = self.slices[name]
-        return MixtureMoments(
-            mean=self.mean[index].reshape(self.shapes[name]),
-            covariance=self.covariance[index, index],
-            within=self.within[index, index],
-            between=self.between[index, index],
-            slices={name: slice(0, index.stop - index.start)},
-            shapes={name: self.shapes[name]},
-        )
 
 
 def _tensor_key(args: tuple, kwargs: dict) -> tuple:
@@ -165,35 +105,7 @@ def _tensor_key(args: tuple, kwargs: dict) -> tuple:
     return tuple(key)
 
 
-def _reshape_gaussian(distribution: Any, batch_shape: torch.Size) -> Any:
-    """The same (batched) Gaussian with batch shape ``batch_shape`` (one row per batch element)."""
-    loc = distribution.loc
-    dim = loc.shape[-1]
-    rows = math.prod(loc.shape[:-1])
-    target = math.prod(batch_shape)
-
-    def fit(tensor: torch.Tensor, event: tuple[int, ...]) -> torch.Tensor:
-        count = math.prod(tensor.shape[: tensor.dim() - len(event)])
-        if count == target:
-            return tensor.reshape(batch_shape + event)
-        if count == 1:
-            return tensor.reshape(event).expand(batch_shape + event)
-        raise ValueError(f"cannot reshape a Gaussian with {rows} rows to batch shape {tuple(batch_shape)}")
-
-    if isinstance(distribution, dist.LowRankMultivariateNormal):
-        rank = distribution.cov_factor.shape[-1]
-        return dist.LowRankMultivariateNormal(
-            fit(loc, (dim,)),
-            cov_factor=fit(distribution.cov_factor, (dim, rank)),
-            cov_diag=fit(distribution.cov_diag, (dim,)),
-            validate_args=False,
-        )
-    return dist.MultivariateNormal(
-        fit(loc, (dim,)), scale_tril=fit(distribution.scale_tril, (dim, dim)), validate_args=False
-    )
-
-
-class HybridGuide(AutoGuide):
+class HybridGuide(HybridQueries, AutoGuide):
     """Hybrid forward-KL / reverse-KL guide q_phi(h | s(y)) q_psi(z | h, y) for any Pyro model.
 
     The construction follows the design note's reconstruction of arXiv:2406.02545 (see the module
@@ -587,7 +499,10 @@ class HybridGuide(AutoGuide):
                 f"{self.forward_site_names}) must "
                 "be fitted first; call guide.fit_forward(num_simulations, *args)"
             )
-        if stage.training or any(p.requires_grad for p in stage.parameters()):
+        parameters = self.__dict__.get("_stage_parameters")
+        if parameters is None:  # collected once: walking the module tree on every SVI step is slow
+            parameters = self.__dict__["_stage_parameters"] = list(stage.parameters())
+        if stage.training or any(p.requires_grad for p in parameters):
             raise ValueError(
                 f"{purpose}: stage 1 is not frozen (some of its weights require grad or it is in training "
                 "mode); call guide.freeze_forward()"
@@ -604,6 +519,8 @@ class HybridGuide(AutoGuide):
         stage.requires_grad_(False)
         stage.eval()
         stage.fitted.fill_(True)
+        stage.set_memoize(True)
+        self.__dict__["_stage_parameters"] = list(stage.parameters())
         self._observed_cache = self._context_cache = None
 
     def _unfreeze_forward(self) -> None:
@@ -611,6 +528,7 @@ class HybridGuide(AutoGuide):
         stage.requires_grad_(True)
         stage.train()
         stage.fitted.fill_(False)
+        stage.set_memoize(False)
 
     def fit_forward(
         self,
@@ -717,79 +635,23 @@ class HybridGuide(AutoGuide):
         stage.set_statistics(features[train_index], {n: v[train_index] for n, v in values.items()})
         history.num_simulations = total
 
-        def nll(index: torch.Tensor, feats: torch.Tensor, vals: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            context = stage.embed(feats[index])
-            return -stage.log_prob({n: v[index] for n, v in vals.items()}, context).mean()
-
-        parameters = [p for p in stage.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, foreach=True)
-        # halving the step size when the validation loss stalls lets the fit settle instead of jittering
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=0.5, patience=max(1, patience // 5), threshold=1e-4
+        online_draw = (lambda count: draw(count)[:2]) if online else None
+        train_forward_stage(
+            stage,
+            features,
+            values,
+            train_index,
+            validation_index,
+            history,
+            batch_size=batch_size,
+            max_epochs=max_epochs,
+            lr=lr,
+            patience=patience,
+            weight_decay=weight_decay,
+            online_draw=online_draw,
+            progress_bar=progress_bar,
+            generator=generator,
         )
-        best_state, best_value, stale = None, math.inf, 0
-        num_train = train_index.numel()
-        steps_per_epoch = max(1, math.ceil(num_train / batch_size))
-        # Polyak (exponential moving) average of the weights over about one epoch: SGD noise in the
-        # weights would otherwise dominate the error of a near-converged fit; validation, early stopping
-        # and the returned weights all use the average.
-        ema_decay = min(0.999, max(0.9, 1.0 - 1.0 / steps_per_epoch))
-        averaged = [p.detach().clone() for p in parameters]
-        from tqdm.auto import tqdm
-
-        bar = tqdm(range(max_epochs), disable=not progress_bar, desc="fit_forward")
-        for epoch in bar:
-            stage.train()
-            permutation = train_index[torch.randperm(num_train, generator=generator).to(train_index.device)]
-            running = 0.0
-            for step in range(steps_per_epoch):
-                if online:
-                    feats, vals, _, _ = draw(batch_size)
-                    batch = torch.arange(feats.shape[0], device=feats.device)
-                else:
-                    feats, vals = features, values
-                    batch = permutation[step * batch_size : (step + 1) * batch_size]
-                loss = nll(batch, feats, vals)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(
-                        f"fit_forward: the stage-1 loss became {loss.item()} at epoch {epoch}; lower "
-                        "lr or check "
-                        "the forward family"
-                    )
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    torch._foreach_lerp_(averaged, [p.detach() for p in parameters], 1.0 - ema_decay)
-                running += loss.item()
-            stage.eval()
-            current = [p.detach().clone() for p in parameters]
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in parameters], averaged)
-                value = torch.cat(
-                    [
-                        -stage.log_prob(
-                            {n: v[chunk] for n, v in values.items()}, stage.embed(features[chunk])
-                        )
-                        for chunk in validation_index.split(4096)
-                    ]
-                ).mean()
-            history.train_nll.append(running / steps_per_epoch)
-            history.validation_nll.append(value.item())
-            bar.set_postfix(train=f"{history.train_nll[-1]:.4f}", validation=f"{value.item():.4f}")
-            scheduler.step(value.item())
-            if best_state is None or value.item() < best_value - 1e-6 * max(1.0, abs(best_value)):
-                best_value, stale, history.best_epoch = value.item(), 0, epoch
-                best_state = {k: v.detach().clone() for k, v in stage.state_dict().items()}
-            else:
-                stale += 1
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in parameters], current)
-            if stale >= patience:
-                break
-        bar.close()
-        if best_state is not None:
-            stage.load_state_dict(best_state)
         self.freeze_forward()
         return history
 
@@ -829,66 +691,6 @@ class HybridGuide(AutoGuide):
             p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
         )
         return kwargs if takes else {k: v for k, v in kwargs.items() if k != "observations"}
-
-    def forward_posterior(self, *args, **kwargs) -> ForwardPosterior:
-        """q_phi(h | y_o) for the data in these model arguments (one network pass)."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        self._check_stage_one("forward_posterior")
-        return ForwardPosterior(self.forward_stage, self._dataset_context(args, kwargs))
-
-    def forward_posterior_batch(self, observed: Mapping[str, torch.Tensor]) -> ForwardPosterior:
-        """q_phi(h | y_b) for a batch of data sets ``{observed site: Tensor[B, *site_shape]}``."""
-        self._check_stage_one("forward_posterior_batch")
-        if set(observed) != set(self._observed_shapes):
-            raise ValueError(
-                f"observed must hold exactly the observed sites {list(self._observed_shapes)}; got "
-                f"{sorted(observed)}"
-            )
-        batch = None
-        for name, shape in self._observed_shapes.items():
-            value = torch.as_tensor(observed[name])
-            if value.shape[1:] != shape or (batch is not None and value.shape[0] != batch):
-                raise ValueError(
-                    f"observed[{name!r}] has shape {tuple(value.shape)}; expected [B, "
-                    f"*{tuple(shape)}] with one B"
-                )
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise ValueError(f"observed[{name!r}] contains non-finite values")
-            batch = value.shape[0]
-        with torch.no_grad():
-            context = self.forward_stage.embed(self._features(observed, batched=True))
-        return ForwardPosterior(self.forward_stage, context, batched=True)
-
-    def check_forward_calibration(
-        self,
-        num_datasets: int,
-        *args,
-        num_posterior_samples: int = 99,
-        simulator: Callable | None = None,
-        generator: torch.Generator | None = None,
-        **kwargs,
-    ) -> SBCResult:
-        """Stage-1 simulation-based calibration (Talts et al. 2018), cheap thanks to amortization.
-
-        Draws ``num_datasets`` fresh prior simulations, ranks each true forward value among
-        ``num_posterior_samples`` draws of q_phi (random tie-breaking for discrete values) and tests
-        the ranks for uniformity with a chi-squared test.
-        """
-        self._check_stage_one("check_forward_calibration")
-        sites = [site.name for site in self._forward_sites] + list(self._observed_shapes)
-        result = simulate_prior(
-            self.model, num_datasets, *args, sites=sites, simulator=simulator, generator=generator, **kwargs
-        )
-        observed = {name: result.values[name] for name in self._observed_shapes}
-        draws = self.forward_posterior_batch(observed).sample((num_posterior_samples,), generator=generator)
-        from pyro_ext.infer.calibration import rank_statistics
-
-        ranks = {
-            site.name: rank_statistics(result.values[site.name], draws[site.name], generator=generator)
-            for site in self._forward_sites
-        }
-        return SBCResult(ranks=ranks, uniformity=sbc_uniformity(ranks, num_posterior_samples))
 
     def forward_state_dict(self) -> dict[str, torch.Tensor]:
         """The stage-1 entries of :meth:`state_dict` (``forward.*``), to share a trained stage 1."""
@@ -1098,6 +900,8 @@ class HybridGuide(AutoGuide):
             full = lead + torch.Size([1] * len(site.batch_shape))
             if not len(outer) and math.prod(full) > 1:
                 outer = full
+            if site is self._forward_sites[-1]:
+                break  # no later factor needs the context
             flat = value.reshape(-1, *site.shape)
             if flat.shape[0] > 1 and context.shape[0] == 1:
                 context = context.expand(flat.shape[0], -1)
@@ -1123,7 +927,6 @@ class HybridGuide(AutoGuide):
         """Sample the flat unconstrained z (auxiliary) and put each remaining site at its value (Delta)."""
         if not self._latent_sites:
             return {}
-        distribution = _reshape_gaussian(distribution, outer)
         latent = pyro.sample(self.aux_latent_name, distribution, infer={"is_auxiliary": True})
         values = {}
         for site in self._latent_sites:
@@ -1151,11 +954,11 @@ class HybridGuide(AutoGuide):
         if isinstance(module, AmortizedGaussianModule):
             values, outer = self._emit_forward_chain(context, plates)
             flat = {site.name: values[site.name].reshape(-1, *site.shape) for site in self._forward_sites}
-            values.update(self._emit_latent(module.distribution(flat), outer, plates))
+            values.update(self._emit_latent(module.distribution(flat, outer), outer, plates))
             return values
         values, outer, flat_index = self._emit_components(plates)
         if isinstance(module, ComponentGaussianModule):
-            values.update(self._emit_latent(module.distribution(flat_index), outer, plates))
+            values.update(self._emit_latent(module.distribution(flat_index, outer), outer, plates))
             return values
         if flat_index.numel() > 1 and not bool((flat_index == flat_index[0]).all()):
             raise ValueError(
@@ -1171,260 +974,6 @@ class HybridGuide(AutoGuide):
             values.update({name: result[name] for name in self.latent_site_names if name in result})
         return values
 
-    # ================================================================================== queries
-    def components(self, *args, **kwargs) -> ComponentWeights:
-        """Stage-2 components and their q_phi weights (component guides only)."""
-        self._prepare(args, kwargs, "components")
-        if not self.uses_components:
-            raise ValueError("components() needs a per_support, per_sample or factory conditional guide")
-        module = self.conditional
-        return ComponentWeights(module.component_values(), module.log_weights.exp())
-
-    def conditional_distribution(self, forward_values: Mapping[str, torch.Tensor], *args, **kwargs):
-        """q_psi(z | h) over the flattened unconstrained z for forward values ``{site: [M, *shape]}``.
-
-        For component guides each value must be one of the components.
-        """
-        self._prepare(args, kwargs, "conditional_distribution")
-        module = self.conditional
-        values = {site.name: torch.as_tensor(forward_values[site.name]) for site in self._forward_sites}
-        if isinstance(module, AmortizedGaussianModule):
-            return module.distribution(values)
-        if isinstance(module, FactoryComponentsModule):
-            raise ValueError("conditional_distribution needs a built-in Gaussian conditional guide")
-        return module.distribution(self._component_index(values))
-
-    def _component_index(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        points = self.conditional.component_values()
-        match = None
-        for site in self._forward_sites:
-            value = values[site.name].reshape(-1, 1, *site.shape).to(points[site.name].dtype)
-            equal = (value == points[site.name].unsqueeze(0)).reshape(
-                value.shape[0], points[site.name].shape[0], -1
-            )
-            equal = equal.all(-1)
-            match = equal if match is None else match & equal
-        if not bool(match.any(-1).all()):
-            raise ValueError("some forward values are not components of the stage-2 guide")
-        return match.float().argmax(-1)
-
-    def _stratified_index(self, num_samples: int, weights: torch.Tensor, generator) -> torch.Tensor:
-        """Stratified resampling: each index ~ weights marginally, counts within one of n w_c."""
-        u = (
-            torch.arange(num_samples, dtype=weights.dtype, device=weights.device)
-            + torch.rand(num_samples, generator=generator, dtype=weights.dtype).to(weights.device)
-        ) / num_samples
-        cumulative = weights.cumsum(0)
-        cumulative = cumulative / cumulative[-1]
-        index = torch.searchsorted(cumulative, u).clamp(max=weights.shape[0] - 1)
-        return index[torch.randperm(num_samples, generator=generator).to(index.device)]
-
-    def _unpack_latent(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
-        n = latent.shape[0]
-        out = {}
-        for site in self._latent_sites:
-            unconstrained = latent[:, self._latent_slices[site.name]].reshape(n, *site.unconstrained_shape)
-            out[site.name] = site.bijection(unconstrained)
-        return out
-
-    def sample_posterior(
-        self,
-        num_samples: int,
-        *args,
-        return_states: bool = False,
-        generator: torch.Generator | None = None,
-        component_weights: torch.Tensor | None = None,
-        **kwargs,
-    ) -> dict[str, torch.Tensor]:
-        """Exact draws from the stage-2 mixture: ``{site: Tensor[num_samples, *site_shape]}``.
-
-        Component guides are sampled stratified over components (counts within one of
-        ``num_samples * w_c``, order shuffled); the amortized guide draws h ~ q_phi, then z ~ q_psi(z | h).
-
-        :param int num_samples: number of draws.
-        :param bool return_states: also draw the hidden states of every observed site whose distribution
-            has ``rsample_posterior`` (e.g. ``GaussianHMM``), under ``"<site>_states"``.
-        :param generator: seeds the draws.
-        :param component_weights: replace the q_phi weights of a component guide (e.g. by
-            :meth:`evidence_weights`' diagnostic weights).
-        """
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
-        context = self._prepare(args, kwargs, "sample_posterior")
-        module = self.conditional
-        with torch.no_grad():
-            if isinstance(module, AmortizedGaussianModule):
-                if component_weights is not None:
-                    raise ValueError("component_weights needs a component conditional guide")
-                forward = self.forward_stage.sample(context.expand(num_samples, -1), generator)
-                latent = (
-                    module.sample_from(module.distribution(forward), generator)
-                    if self._latent_sites
-                    else None
-                )
-                draws = dict(forward)
-                if latent is not None:
-                    draws.update(self._unpack_latent(latent))
-            else:
-                weights = (
-                    module.log_weights.exp()
-                    if component_weights is None
-                    else torch.as_tensor(component_weights)
-                )
-                if weights.shape != module.log_weights.shape or (weights < 0).any() or not weights.sum() > 0:
-                    raise ValueError(
-                        f"component_weights must be {module.num_components} non-negative numbers with "
-                        "a positive sum"
-                    )
-                index = self._stratified_index(num_samples, weights.to(module.log_weights), generator)
-                draws = {name: points[index] for name, points in module.component_values().items()}
-                if isinstance(module, ComponentGaussianModule):
-                    if self._latent_sites:
-                        latent = module.sample_from(module.distribution(index), generator)
-                        draws.update(self._unpack_latent(latent))
-                else:
-                    draws.update(self._sample_factory_components(module, index, args, kwargs, generator))
-        if return_states:
-            draws.update(self._sample_states(draws, args, kwargs, generator))
-        return draws
-
-    def _sample_factory_components(self, module, index, args, kwargs, generator) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        names = self.latent_site_names
-        for name in names:
-            info = next(site for site in self._latent_sites if site.name == name)
-            out[name] = torch.zeros(index.shape[0], *info.shape, dtype=info.dtype, device=index.device)
-        with fork_rng_from(generator):
-            for component in index.unique().tolist():
-                rows = (index == component).nonzero().squeeze(-1)
-                guide = module.component(component)
-                for row in rows.tolist():
-                    with poutine.block():
-                        trace = poutine.trace(guide).get_trace(*args, **kwargs)
-                    for name in names:
-                        out[name][row] = trace.nodes[name]["value"]
-        return out
-
-    def _sample_states(self, draws, args, kwargs, generator) -> dict[str, torch.Tensor]:
-        """Hidden states of observed ``GaussianHMM``-like sites given each draw (vectorised)."""
-        num = next(iter(draws.values())).shape[0]
-        mpn = self._max_plate_nesting
-        reshaped = {}
-        for site in self._forward_sites + self._latent_sites:
-            value = draws[site.name]
-            reshaped[site.name] = value.reshape((num,) + (1,) * (mpn - len(site.batch_shape)) + site.shape)
-        with torch.no_grad(), poutine.block(), fork_rng_from(generator):
-            with pyro.plate("_hybrid_states", num, dim=-mpn - 1):
-                trace = poutine.trace(poutine.condition(self.model, reshaped)).get_trace(*args, **kwargs)
-            out = {}
-            for name in self._observed_shapes:
-                site = trace.nodes[name]
-                if hasattr(site["fn"], "rsample_posterior"):
-                    states = site["fn"].rsample_posterior(site["value"])
-                    out[f"{name}_states"] = states.reshape(num, *states.shape[-2:])
-        if not out:
-            raise ValueError("return_states: no observed site has a distribution with rsample_posterior")
-        return out
-
-    def quantiles(
-        self,
-        quantiles: Sequence[float] | torch.Tensor,
-        *args,
-        num_samples: int = 4000,
-        generator: torch.Generator | None = None,
-        **kwargs,
-    ) -> dict[str, torch.Tensor]:
-        """Elementwise Monte Carlo quantiles ``{site: [len(quantiles), *shape]}`` of the mixture.
-
-        Discrete (forward) sites report their most probable value for every quantile.
-        """
-        stage_dtype = (
-            self.forward_stage.dtype if self.forward_stage is not None else torch.get_default_dtype()
-        )
-        levels = torch.as_tensor(quantiles, dtype=stage_dtype).reshape(-1)
-        if not ((levels >= 0) & (levels <= 1)).all():
-            raise ValueError(f"quantiles must lie in [0, 1]; got {levels.tolist()}")
-        draws = self.sample_posterior(num_samples, *args, generator=generator, **kwargs)
-        out = {}
-        for site in self._forward_sites + self._latent_sites:
-            value = draws[site.name]
-            if site.is_discrete:
-                flat = value.reshape(value.shape[0], -1)
-                unique, counts = torch.unique(flat, dim=0, return_counts=True)
-                mode = unique[counts.argmax()].reshape(site.shape)
-                out[site.name] = mode.expand(levels.shape[0], *site.shape).clone()
-            else:
-                out[site.name] = torch.quantile(value.to(levels.dtype), levels.to(value.device), dim=0).to(
-                    value.dtype
-                )
-        return out
-
-    def median(self, *args, num_samples: int = 4000, generator: torch.Generator | None = None, **kwargs):
-        """Elementwise Monte Carlo median of every latent site (the 0.5 quantile)."""
-        result = self.quantiles([0.5], *args, num_samples=num_samples, generator=generator, **kwargs)
-        return {name: value[0] for name, value in result.items()}
-
-    def moments(self, *args, num_samples: int = 4000, generator: torch.Generator | None = None, **kwargs):
-        """Mean, total, within- and between-component covariance of z (flat, unconstrained), analytic.
-
-        Component guides: exact from the components' Gaussian moments. Amortized guide: the conditional
-        moments are exact, the expectation over q_phi uses ``num_samples`` draws of h.
-        """
-        context = self._prepare(args, kwargs, "moments")
-        module = self.conditional
-        with torch.no_grad():
-            if isinstance(module, AmortizedGaussianModule):
-                forward = self.forward_stage.sample(context.expand(num_samples, -1), generator)
-                components = module.distribution(forward)
-                weights = torch.full((num_samples,), 1.0 / num_samples, dtype=components.loc.dtype)
-            elif isinstance(module, ComponentGaussianModule):
-                components = module.distribution(torch.arange(module.num_components))
-                weights = module.log_weights.exp()
-            else:
-                raise ValueError("moments() needs a built-in Gaussian conditional guide")
-            means = components.loc
-            covariances = components.covariance_matrix.expand(means.shape[0], -1, -1)
-            weights = weights.to(means)
-            mean = (weights.unsqueeze(-1) * means).sum(0)
-            within = (weights[:, None, None] * covariances).sum(0)
-            centred = means - mean
-            between = (weights[:, None, None] * centred.unsqueeze(-1) * centred.unsqueeze(-2)).sum(0)
-            second = (weights[:, None, None] * (covariances + means.unsqueeze(-1) * means.unsqueeze(-2))).sum(
-                0
-            )
-            covariance = second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
-        shapes = {site.name: site.unconstrained_shape for site in self._latent_sites}
-        return MixtureMoments(mean, covariance, within, between, dict(self._latent_slices), shapes)
-
-    def evidence_weights(
-        self, *args, num_particles: int = 64, vectorize_particles: bool = True, **kwargs
-    ) -> ComponentWeights:
-        """Diagnostic weights w_c ∝ p(h_c) exp(ELBO_c) (per_support) or that over q_phi(h_c) (per_sample).
-
-        These approximate p(h | y_o) by the components' ELBOs; they can be sharper than q_phi and
-        came close to a confident wrong answer in a prototype run, so they are a diagnostic, not the
-        default (design note §1.4, caveat 2). Pass them to :meth:`sample_posterior` as
-        ``component_weights`` for the evidence-weighted mixture.
-        """
-        context = self._prepare(args, kwargs, "evidence_weights")
-        if not self.uses_components:
-            raise ValueError("evidence_weights needs a per_support, per_sample or factory conditional guide")
-        elbo = HybridELBO(num_particles=num_particles, vectorize_particles=vectorize_particles)
-        with torch.no_grad():
-            elbo.loss(self.model, self, *args, **kwargs)
-        module = self.conditional
-        log_evidence = elbo.last_component_log_prior + elbo.last_component_elbos
-        log_w = log_evidence.clone()
-        if not all(site.is_discrete for site in self._forward_sites):
-            # components are draws h_k ~ q_phi: importance weights p(h_k) exp(ELBO_k) / q_phi(h_k)
-            with torch.no_grad():
-                log_q = self.forward_stage.log_prob(
-                    module.component_values(), context.expand(module.num_components, -1)
-                )
-            log_w = log_w - log_q
-        weights = (log_w - torch.logsumexp(log_w, 0)).exp()
-        return ComponentWeights(module.component_values(), weights, log_evidence)
-
     # ================================================================================== persistence
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load a state saved by :meth:`state_dict` (call :meth:`setup` with the model arguments first).
@@ -1438,6 +987,11 @@ class HybridGuide(AutoGuide):
                 "arguments first"
             )
         self.reset_conditional()
+        if any(re.match(r"conditional\.component_\d+\.", key) for key in state_dict):
+            raise NotImplementedError(
+                "load_state_dict cannot rebuild a factory conditional guide (its autoguides create their "
+                "parameters lazily); save and load those with pyro.get_param_store().save / .load instead"
+            )
         if any(key.startswith("conditional.") for key in state_dict):
             context = state_dict["conditional.bound_context"].reshape(1, -1)
             count = (
@@ -1459,170 +1013,3 @@ class HybridGuide(AutoGuide):
                     del store[name]
         self._observed_cache = self._context_cache = None
         return result
-
-
-class HybridELBO(ELBO):
-    """Stage-2 objective of :class:`HybridGuide`: minus the weighted conditional ELBOs.
-
-    .. math::
-        -L_2(\\psi) = -\\sum_c w_c\\, \\mathbb E_{q_\\psi(z \\mid h_c)}
-        \\big[\\log p(y_o, z \\mid h_c) - \\log q_\\psi(z \\mid h_c)\\big]
-
-    summed exactly over the components of a ``per_support``/``per_sample``/factory guide, or averaged over
-    fresh h ~ q_phi for the amortized guide (``num_particles`` draws). The constant log p(h_c) and
-    log q_phi(h_c) are left out (recorded in :attr:`last_component_log_prior`). With
-    ``vectorize_particles=True`` all components and particles run in one vectorised trace (the model
-    must broadcast over a leading batch dimension of h); factory guides batch particles only.
-    ``Trace_ELBO`` gives the same psi-gradient (q_phi is frozen) from one sampled component.
-
-    :param int num_particles: particles per component (amortized: draws of h).
-    :param bool vectorize_particles: one vectorised trace instead of a Python loop.
-    :param int max_plate_nesting: the model's plate nesting (default: read from the guide's prototype).
-
-    Attributes after each call: :attr:`last_component_elbos` ``[S]`` (ELBO_c estimates) and
-    :attr:`last_component_log_prior` ``[S]`` (log p(h_c)).
-
-    References: arXiv:2406.02545 (derived form, see the design note §1.3).
-    """
-
-    def __init__(
-        self, num_particles: int = 1, vectorize_particles: bool = False, max_plate_nesting: int | None = None
-    ) -> None:
-        if not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(f"num_particles must be a positive int; got {num_particles!r}")
-        super().__init__(num_particles=num_particles, vectorize_particles=False)
-        self.vectorize_particles = bool(vectorize_particles)
-        self._max_plate_nesting = max_plate_nesting
-        self.last_component_elbos: torch.Tensor | None = None
-        self.last_component_log_prior: torch.Tensor | None = None
-
-    @staticmethod
-    def _check_guide(guide: Any) -> HybridGuide:
-        if not isinstance(guide, HybridGuide):
-            raise TypeError(f"HybridELBO needs a HybridGuide; got {type(guide).__name__}")
-        return guide
-
-    @staticmethod
-    def _reduce(log_prob: torch.Tensor, size: int | None, nesting: int) -> torch.Tensor:
-        """Sum a site's log prob to one value per particle (``size`` particles), or to a scalar."""
-        if size is None:
-            return log_prob.sum()
-        if log_prob.dim() <= nesting:  # the site does not vary over particles
-            return log_prob.sum().expand(size)
-        lead = log_prob.shape[: log_prob.dim() - nesting]
-        per_particle = log_prob.reshape(math.prod(lead), -1).sum(-1)
-        if per_particle.shape[0] == size:
-            return per_particle
-        if per_particle.shape[0] == 1:
-            return per_particle.expand(size)
-        raise ValueError(
-            f"a site's log_prob of shape {tuple(log_prob.shape)} does not match {size} particles"
-        )
-
-    def _run(self, model, guide: HybridGuide, args, kwargs, condition: dict, size: int | None, nesting: int):
-        def vectorize(fn: Callable) -> Callable:
-            if size is None:
-                return fn
-
-            def vectorized(*args, **kwargs):
-                # the plate sits inside replay/condition so that it broadcasts the model's distributions
-                with pyro.plate("_hybrid_elbo_particles", size, dim=-nesting - 1):
-                    return fn(*args, **kwargs)
-
-            return vectorized
-
-        guide_fn = vectorize(guide)
-        if condition:
-            guide_fn = poutine.condition(guide_fn, data=condition)
-        guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(vectorize(model), trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-        if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace, nesting + (1 if size is not None else 0))
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        forward_names = set(guide.forward_site_names)
-        skip = forward_names | {guide.aux_component_name}
-        model_trace.compute_log_prob()
-        guide_trace.compute_log_prob(site_filter=lambda name, site: name not in skip)
-        elbo, log_prior = 0.0, 0.0
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            reduced = self._reduce(site["log_prob"], size, nesting)
-            if name in forward_names:
-                log_prior = log_prior + reduced
-            else:
-                elbo = elbo + reduced
-        for name, site in guide_trace.nodes.items():
-            if site["type"] == "sample" and name not in skip and not site["is_observed"]:
-                elbo = elbo - self._reduce(site["log_prob"], size, nesting)
-        return elbo, log_prior
-
-    def _component_elbos(self, model, guide: HybridGuide, args, kwargs):
-        guide._prepare(args, kwargs, "HybridELBO")
-        nesting = self._max_plate_nesting if self._max_plate_nesting is not None else guide._max_plate_nesting
-        particles = self.num_particles
-        module = guide.conditional
-        if isinstance(module, AmortizedGaussianModule):
-            if self.vectorize_particles:
-                elbo, log_prior = self._run(model, guide, args, kwargs, {}, particles, nesting)
-                elbo, log_prior = elbo.mean(), torch.as_tensor(log_prior).mean()
-            else:
-                runs = [self._run(model, guide, args, kwargs, {}, None, nesting) for _ in range(particles)]
-                elbo = sum(r[0] for r in runs) / particles
-                log_prior = sum(torch.as_tensor(r[1]) for r in runs) / particles
-            return elbo.reshape(1), torch.as_tensor(log_prior).reshape(1), elbo.new_ones(1)
-        count = module.num_components
-        aux = guide.aux_component_name
-        weights = module.log_weights.exp()
-        device = module.log_weights.device
-        if self.vectorize_particles and isinstance(module, ComponentGaussianModule):
-            size = count * particles
-            index = torch.arange(count, device=device).repeat_interleave(particles)
-            condition = {aux: index.reshape((size,) + (1,) * nesting)}
-            elbo, log_prior = self._run(model, guide, args, kwargs, condition, size, nesting)
-            elbos = elbo.reshape(count, particles).mean(-1)
-            log_priors = torch.as_tensor(log_prior).expand(size).reshape(count, particles).mean(-1)
-            return elbos, log_priors, weights
-        elbos, log_priors = [], []
-        for component in range(count):
-            if self.vectorize_particles:
-                condition = {aux: torch.full((particles,) + (1,) * nesting, component, device=device)}
-                elbo, log_prior = self._run(model, guide, args, kwargs, condition, particles, nesting)
-                elbos.append(elbo.mean())
-                log_priors.append(torch.as_tensor(log_prior).mean())
-            else:
-                condition = {aux: torch.tensor(component, device=device)}
-                runs = [
-                    self._run(model, guide, args, kwargs, condition, None, nesting) for _ in range(particles)
-                ]
-                elbos.append(sum(r[0] for r in runs) / particles)
-                log_priors.append(sum(torch.as_tensor(r[1]) for r in runs) / particles)
-        return torch.stack(elbos), torch.stack(log_priors), weights
-
-    def _get_trace(self, model, guide, args, kwargs):
-        """One (model, guide) trace pair of a single particle, as other ELBOs provide."""
-        guide = self._check_guide(guide)
-        guide._prepare(args, kwargs, "HybridELBO")
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        return model_trace, guide_trace
-
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        guide = self._check_guide(guide)
-        elbos, log_priors, weights = self._component_elbos(model, guide, args, kwargs)
-        self.last_component_elbos = elbos.detach()
-        self.last_component_log_prior = log_priors.detach()
-        return -(weights.to(elbos) * elbos).sum()
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)

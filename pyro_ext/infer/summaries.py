@@ -99,6 +99,13 @@ class MLPSummary(SummaryNetwork):
     :param dict observed_shapes: shape of one data set at each observed site.
     :param int hidden_features: hidden width.
     :param int out_features: summary width C.
+
+    Example::
+
+        summary = MLPSummary({"y": torch.Size([2])})
+        summary(summary.features({"y": torch.randn(5, 2)})).shape  # (5, 64)
+
+    References: arXiv:2406.02545 (summary network s_eta).
     """
 
     def __init__(
@@ -129,6 +136,13 @@ class TimeSeriesSummary(SummaryNetwork):
 
     :param dict observed_shapes: each observed site must have at least two dimensions ``[..., T, N]``.
     :param int max_lag: largest lag L.
+
+    Example::
+
+        summary = TimeSeriesSummary({"y": torch.Size([300, 2])})
+        summary.in_features  # 33
+
+    References: arXiv:2406.02545 (time-shifted signals).
     """
 
     def __init__(
