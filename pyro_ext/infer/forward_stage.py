@@ -265,7 +265,7 @@ class ForwardPosterior:
         total = math.prod(site.support_size for site in sites)
         if total > max_points:
             raise ValueError(f"the joint support has {total} points (> max_points={max_points})")
-        points = joint_support_points(sites)
+        points = {name: value.to(self.context.device) for name, value in joint_support_points(sites).items()}
         rows = self.context.shape[0]
         with torch.no_grad():
             repeated = {name: value.repeat_interleave(rows, 0) for name, value in points.items()}
