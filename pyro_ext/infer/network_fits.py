@@ -26,7 +26,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
-from pyro.infer.autoguide import AutoGuide, AutoMultivariateNormal, AutoNormal, init_to_median
+from pyro.infer.autoguide import AutoGuide, AutoMultivariateNormal, AutoNormal
 from pyro.optim import ClippedAdam
 from tqdm.auto import tqdm
 
@@ -257,14 +257,6 @@ def fit_joint(
     )
 
 
-def _init_keep_discrete(site: dict) -> torch.Tensor:
-    # Pyro's init_to_median treats the event-shaped discrete "delay" as multivariate and fails; a prior
-    # draw is a valid initial value for it (stage 1 replaces it anyway).
-    if site["fn"].support.is_discrete:
-        return site["fn"].sample()
-    return init_to_median(site)
-
-
 def build_hybrid_guide(
     net: DelayedLinearNetwork,
     num_simulations: int = 40_000,
@@ -311,7 +303,6 @@ def build_hybrid_guide(
         observed_sites=["y"],
         support_threshold=support_threshold,
         num_conditional_samples=num_conditional_samples,
-        init_loc_fn=_init_keep_discrete,
     )
     template = torch.zeros(net.num_steps, net.num_nodes, dtype=net.dtype, device=net.device)
     guide.fit_forward(

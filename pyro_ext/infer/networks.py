@@ -46,6 +46,8 @@ __all__ = [
 PRIOR_MAX_SPECTRAL_RADIUS = 0.95
 # "sparse" truths are rescaled to at most this spectral radius (design §3.2).
 SPARSE_MAX_SPECTRAL_RADIUS = 0.9
+# The simulator runs this many data sets at a time (bounds its temporaries; outputs are preallocated).
+SIMULATION_CHUNK = 8192
 
 
 def canonical_hrf(
@@ -620,6 +622,7 @@ class DelayedLinearNetwork(nn.Module):
         generator: torch.Generator | None = None,
         micro_steps: int = 16,
         max_rejection_rounds: int = 1000,
+        keep_states: bool = True,
     ) -> NetworkSimulation:
         r"""Simulate ``num_datasets`` data sets at once (vectorised over data sets; loops over time only).
 
@@ -640,6 +643,9 @@ class DelayedLinearNetwork(nn.Module):
         :param truth: see above.
         :param int burn_in: steps discarded before the window.
         :param torch.Generator generator: source of randomness (default: torch's global one).
+        :param int micro_steps: Euler steps per TR for ``"mds"``.
+        :param int max_rejection_rounds: redraws of unstable prior couplings before giving up.
+        :param bool keep_states: return the latent paths (``False`` saves memory for large banks).
         :return: :class:`NetworkSimulation` with ``y [n, T, N]`` and the truth.
         """
         if not isinstance(num_datasets, int) or num_datasets < 1:
@@ -703,28 +709,37 @@ class DelayedLinearNetwork(nn.Module):
             )
         delays = self.full_delays(delay)
 
-        # states: stationary start, burn-in, then the T + W - 1 steps the observations reach
+        # states: stationary start, burn-in, then the T + W - 1 steps the observations reach; in chunks of
+        # data sets so that temporaries stay bounded for 10^5 simulations
         transition = self.transition_matrix(coupling)
         eye = torch.eye(n, **options)
         chol = torch.linalg.cholesky(stationary_covariance(transition, self.state_scale**2 * eye))
-        x = (chol @ torch.randn(n_sets, n, 1, generator=generator, **options)).squeeze(-1)
         length = self.num_steps + self.window - 1
-        noise = self.state_scale * torch.randn(n_sets, burn_in + length, n, generator=generator, **options)
-        path = []
-        for t in range(burn_in + length):
-            x = (transition @ x[..., None]).squeeze(-1) + noise[:, t]
-            if t >= burn_in:
-                path.append(x)
-        states = torch.stack(path, dim=1)
-        clean = self.observe_states(states, delays)
-        y = clean + obs_scale[:, None, :] * torch.randn(clean.shape, generator=generator, **options)
+        y = torch.empty(n_sets, self.num_steps, n, **options)
+        states = torch.empty(n_sets, length, n, **options) if keep_states else None
+        for begin in range(0, n_sets, SIMULATION_CHUNK):
+            rows = slice(begin, min(begin + SIMULATION_CHUNK, n_sets))
+            a, count = transition[rows], rows.stop - rows.start
+            x = (chol[rows] @ torch.randn(count, n, 1, generator=generator, **options)).squeeze(-1)
+            path = torch.empty(count, length, n, **options)
+            for t in range(burn_in + length):
+                noise = torch.randn(count, n, generator=generator, **options)
+                x = (a @ x[..., None]).squeeze(-1) + self.state_scale * noise
+                if t >= burn_in:
+                    path[:, t - burn_in] = x
+            clean = self.observe_states(path, delays[rows])
+            y[rows] = clean + obs_scale[rows, None, :] * torch.randn(
+                clean.shape, generator=generator, **options
+            )
+            if states is not None:
+                states[rows] = path
         return NetworkSimulation(y, coupling, delay, delays, obs_scale, states, label)
 
     def simulate_sites(
         self, num_samples: int, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Prior simulator for hybrid stage 1: ``{site: [num_samples, ...]}`` (stability rejection on)."""
-        return self.simulate(num_samples, "prior", generator=generator).sites()
+        return self.simulate(num_samples, "prior", generator=generator, keep_states=False).sites()
 
     def _prior_coupling(
         self, n_sets: int, generator: torch.Generator | None, max_rounds: int
