@@ -65,22 +65,16 @@ from pyro_ext.infer.conditionals import (
     resolve_conditional_spec,
 )
 from pyro_ext.infer.forward_families import validate_family_spec
-from pyro_ext.infer.forward_stage import ForwardSiteDistribution, ForwardStage, joint_support_points
+from pyro_ext.infer.forward_stage import ForwardSiteDistribution, ForwardStage
 from pyro_ext.infer.forward_training import ForwardFitHistory, train_forward_stage
 from pyro_ext.infer.hybrid_elbo import HybridELBO
 from pyro_ext.infer.hybrid_queries import ComponentWeights, HybridQueries, MixtureMoments
 from pyro_ext.infer.simulation import simulate_prior
 from pyro_ext.infer.site_info import SiteInfo, site_info_from_trace_site
+from pyro_ext.infer.stage_two_support import select_components
 from pyro_ext.infer.summaries import build_summary
 
 __all__ = ["ComponentWeights", "ForwardFitHistory", "HybridELBO", "HybridGuide", "MixtureMoments"]
-
-#: joint discrete supports up to this size are enumerated exactly when stage 2 picks its components
-MAX_ENUMERATED_SUPPORT = 4096
-#: draws used to discover the support of q_phi when it is too large to enumerate
-SUPPORT_DISCOVERY_DRAWS = 8192
-#: dropped q_phi mass above which per_support warns (design note §4.1)
-DROPPED_MASS_WARNING = 0.01
 
 
 def _tensor_key(args: tuple, kwargs: dict) -> tuple:
@@ -728,62 +722,19 @@ class HybridGuide(HybridQueries, AutoGuide):
 
     def _select_components(self, context: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Component values ``{site: [S, *shape]}`` and log weights ``[S]`` for a component guide."""
-        stage = self.forward_stage
-        spec = self._conditional_kind
-        kind = getattr(spec, "kind", None)
-        sites = self._forward_sites
-        all_discrete = all(site.is_discrete for site in sites)
-        if kind == "per_sample" or (kind is None and not all_discrete):
-            count = self.num_conditional_samples
-            with torch.no_grad():
-                draws = stage.sample(context.expand(count, -1), self._draw_generator())
-            if all_discrete:
-                return self._merge_duplicates(draws, count)
-            log_weights = torch.full((count,), -math.log(count), dtype=context.dtype, device=context.device)
-            return draws, log_weights
-        # per support point
-        total = math.prod(site.support_size for site in sites)
-        with torch.no_grad():
-            if total <= MAX_ENUMERATED_SUPPORT:
-                points = {n: v.to(stage.device) for n, v in joint_support_points(sites).items()}
-            else:
-                draws = stage.sample(context.expand(SUPPORT_DISCOVERY_DRAWS, -1), self._draw_generator())
-                points, _ = self._unique_rows(draws)
-            count = next(iter(points.values())).shape[0]
-            log_q = stage.log_prob(points, context.expand(count, -1))
-        keep = (
-            log_q > math.log(self.support_threshold) if self.support_threshold > 0 else torch.isfinite(log_q)
+        kind = getattr(self._conditional_kind, "kind", None)
+        all_discrete = all(site.is_discrete for site in self._forward_sites)
+        per_sample = kind == "per_sample" or (kind is None and not all_discrete)
+        values, log_weights, dropped = select_components(
+            self.forward_stage,
+            context,
+            per_sample=per_sample,
+            num_samples=self.num_conditional_samples,
+            support_threshold=self.support_threshold,
+            generator=self._draw_generator(),
         )
-        if not keep.any():
-            keep = log_q == log_q.max()
-        kept_mass = log_q[keep].exp().sum().clamp(max=1.0)
-        self._num_dropped_mass = float(1.0 - kept_mass)
-        if self._num_dropped_mass > DROPPED_MASS_WARNING:
-            warnings.warn(
-                f"per_support: the kept support points ({int(keep.sum())}) hold {float(kept_mass):.3f} of "
-                f"q_phi's mass; {self._num_dropped_mass:.3f} is dropped, which shrinks the between-component "
-                "variance. Lower support_threshold or use conditional_guide='per_sample'",
-                UserWarning,
-                stacklevel=4,
-            )
-        values = {name: value[keep] for name, value in points.items()}
-        log_weights = log_q[keep] - torch.logsumexp(log_q[keep], 0)
+        self._num_dropped_mass = dropped
         return values, log_weights
-
-    def _unique_rows(self, draws: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        sites = self._forward_sites
-        flat = torch.cat(
-            [draws[site.name].reshape(draws[site.name].shape[0], -1).double() for site in sites], -1
-        )
-        unique, inverse, counts = torch.unique(flat, dim=0, return_inverse=True, return_counts=True)
-        first = torch.zeros(unique.shape[0], dtype=torch.long, device=flat.device)
-        first.scatter_(0, inverse, torch.arange(flat.shape[0], device=flat.device))
-        return {site.name: draws[site.name][first] for site in sites}, counts
-
-    def _merge_duplicates(self, draws: Mapping[str, torch.Tensor], count: int):
-        values, counts = self._unique_rows(draws)
-        dtype = self.forward_stage.dtype
-        return values, (counts.to(dtype) / count).log()
 
     def _bind(self, context: torch.Tensor) -> None:
         """Start stage 2 for this data set (lazily, at the first call) or check it is the bound one."""
