@@ -721,3 +721,46 @@ def test_observed_sites_accessor_and_names():
     )  # y=None: the name says it is data
     with pytest.raises(ValueError, match="observed_sites: 'x'"):
         HybridGuide(conjugate_model, ["d"], observed_sites=["x"]).setup(torch.zeros(2))
+
+
+def test_early_stopping_restores_the_best_averaged_weights():
+    from pyro_ext.infer.forward_training import ForwardFitHistory, train_forward_stage
+
+    pyro.set_rng_seed(0)
+    guide = HybridGuide(conjugate_model, ["d"], summary_net="identity", forward_family="normal")
+    guide.setup(torch.zeros(2))
+    stage = guide.forward_stage
+    d = torch.randn(600)
+    y = d[:, None] + torch.randn(600, 2) * 1.5
+    features = stage.summary.features({"y": y})
+    stage.set_statistics(features, {"d": d})
+    history = ForwardFitHistory()
+    train, validation = torch.arange(100), torch.arange(100, 600)  # few training rows: it overfits
+    train_forward_stage(
+        stage,
+        features,
+        {"d": d},
+        train,
+        validation,
+        history,
+        batch_size=20,
+        max_epochs=40,
+        lr=2e-2,
+        patience=3,
+        progress_bar=False,
+    )
+    assert history.best_epoch < len(history.validation_nll) - 1  # stopped after the best epoch
+    with torch.no_grad():
+        restored = -stage.log_prob({"d": d[validation]}, stage.embed(features[validation])).mean()
+    assert abs(restored.item() - history.best_validation_nll) < 1e-12
+
+
+def test_refitting_stage_one_resets_stage_two():
+    guide = _small_fit(HybridGuide(conjugate_model, ["d"], forward_family="normal", summary_net="identity"))
+    y = torch.tensor([1.8, 2.2])
+    guide.sample_posterior(2, y)
+    assert guide.conditional is not None
+    with pytest.warns(UserWarning, match="resets stage 2"):
+        _small_fit(guide, 500)
+    assert guide.conditional is None
+    guide.sample_posterior(2, y + 1)  # a new data set needs no reset after a refit
