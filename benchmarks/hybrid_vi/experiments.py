@@ -48,6 +48,7 @@ class CellConfig:
     hrf: str | None = None
     max_delay: int = 3
     svi_steps: int = 300
+    num_particles: int = 4
     num_simulations: int = 40_000
     num_conditional_samples: int = 16
     seed: int = 0
@@ -56,7 +57,7 @@ class CellConfig:
     def key(self) -> str:
         return (
             f"N{self.num_nodes}-T{self.num_steps}-{self.truth}-{self.hrf or 'nohrf'}-D{self.max_delay}"
-            f"-s{self.svi_steps}-seed{self.seed}"
+            f"-s{self.svi_steps}-p{self.num_particles}-seed{self.seed}"
         )
 
     def network(self) -> DelayedLinearNetwork:
@@ -70,22 +71,24 @@ def fit_method(
     true_delays: torch.Tensor,
     guide_factory: Callable[[], object],
     svi_steps: int,
+    num_particles: int = 4,
 ) -> CouplingPosterior:
     """One method's coupling posterior for one data set (``true_delays``: per-node, TR units)."""
+    svi = {"num_steps": svi_steps, "num_particles": num_particles}
     if method == "naive":
-        return fit_naive(net, y, num_steps=svi_steps)
+        return fit_naive(net, y, **svi)
     if method == "oracle":
         # continuous ("mds") delays are rounded to the model's grid and clipped to its support
         delays = true_delays.round().long()
         if net.delay_mode == "reference":
             delays = (delays - delays[0] + net.max_delay).clamp(0, net.delay_max_value)[1:]
-        return fit_oracle(net, y, delays.clamp(0, net.delay_max_value), num_steps=svi_steps)
+        return fit_oracle(net, y, delays.clamp(0, net.delay_max_value), **svi)
     if method == "joint":
-        return fit_joint(net, y, guide="mvn", num_steps=svi_steps)
+        return fit_joint(net, y, guide="mvn", **svi)
     if method == "rdcm":
         return fit_rdcm(y, tr=net.tr, hrf=None if net.hrf_name == "none" else net.hrf_kernel)
     if method == "hybrid":
-        return fit_hybrid(net, y, guide=guide_factory(), num_steps=svi_steps)
+        return fit_hybrid(net, y, guide=guide_factory(), **svi)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -149,7 +152,13 @@ def run_cell(
             pyro.set_rng_seed(config.seed * 100_003 + index)
             start = time.perf_counter()
             posterior = fit_method(
-                method, net, data.y[index], data.delays[index], guide_factory, config.svi_steps
+                method,
+                net,
+                data.y[index],
+                data.delays[index],
+                guide_factory,
+                config.svi_steps,
+                config.num_particles,
             )
             elapsed = time.perf_counter() - start
             score = score_posterior(posterior, data.coupling[index], config.truth, elapsed)
@@ -187,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hrf", nargs="+", default=["none"], choices=["none", "canonical"])
     parser.add_argument("--datasets", type=int, default=50)
     parser.add_argument("--svi-steps", type=int, default=300)
+    parser.add_argument("--particles", type=int, default=4, help="ELBO particles of every SVI fit")
     parser.add_argument("--simulations", type=int, default=40_000)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--results", type=Path, default=None, help="JSON-lines file (resumes if it exists)")
@@ -204,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.datasets,
                         None if hrf == "none" else hrf,
                         svi_steps=args.svi_steps,
+                        num_particles=args.particles,
                         num_simulations=args.simulations,
                         seed=args.seed,
                     )
