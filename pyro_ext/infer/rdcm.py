@@ -215,7 +215,12 @@ class RegressionDCM:
         gains less than ``tol``; returns the state and the free energy after every iteration."""
         if not isinstance(max_iter, int) or max_iter < 1:
             raise ValueError(f"max_iter must be an int >= 1; got {max_iter!r}")
-        tau = torch.full((self.num_regions,), self.prior_shape / self.prior_rate, dtype=self.design.dtype)
+        tau = torch.full(
+            (self.num_regions,),
+            self.prior_shape / self.prior_rate,
+            dtype=self.design.dtype,
+            device=self.design.device,
+        )
         history: list[float] = []
         state = None
         for _ in range(max_iter):
@@ -264,7 +269,7 @@ def fit_rdcm(
         device=state.mean.device,
     )
     rows = state.mean + (chol @ noise).squeeze(-1)  # [S, N, N]: row r = theta_r
-    var_scale = torch.eye(model.num_regions, dtype=rows.dtype) + tr * rows
+    var_scale = torch.eye(model.num_regions, dtype=rows.dtype, device=rows.device) + tr * rows
     return CouplingPosterior(
         var_scale,
         method="rdcm",

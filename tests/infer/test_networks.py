@@ -221,6 +221,20 @@ def test_float32_model_matches_float64():
     assert net32.simulate(2).y.dtype == torch.float32
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+def test_model_simulator_and_rdcm_on_cuda():
+    cpu = DelayedLinearNetwork(3, 40, max_delay=1, hrf=SHORT_HRF)
+    gpu = DelayedLinearNetwork(3, 40, max_delay=1, hrf=SHORT_HRF).cuda()
+    data = gpu.simulate(4, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert data.y.is_cuda and data.coupling.is_cuda
+    lp_gpu = gpu.likelihood(data.coupling[0], data.delay[0]).log_prob(data.y[0])
+    lp_cpu = cpu.likelihood(data.coupling[0].cpu(), data.delay[0].cpu()).log_prob(data.y[0].cpu())
+    assert lp_gpu.is_cuda and abs(lp_gpu.cpu() - lp_cpu) < 1e-8
+    trace = poutine.trace(gpu).get_trace(data.y[0])
+    assert torch.isfinite(trace.log_prob_sum())
+    assert fit_rdcm(data.y[0], num_samples=10).draws.is_cuda
+
+
 def test_network_state_dict_round_trip():
     net = DelayedLinearNetwork(3, 10, hrf="canonical", coupling_scale=0.1)
     copy = DelayedLinearNetwork(3, 10, hrf="canonical")
