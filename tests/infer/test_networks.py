@@ -22,9 +22,17 @@ from pyro_ext.infer.network_distributions import (
     stationary_covariance,
     zero_diagonal,
 )
-from pyro_ext.infer.network_fits import build_hybrid_guide, fit_hybrid, fit_joint, fit_naive, fit_oracle
+from pyro_ext.infer.network_fits import (
+    NetworkSummary,
+    build_hybrid_guide,
+    fit_hybrid,
+    fit_joint,
+    fit_naive,
+    fit_oracle,
+)
 from pyro_ext.infer.networks import CouplingPosterior, DelayedLinearNetwork, canonical_hrf, spectral_radius
 from pyro_ext.infer.rdcm import RegressionDCM, fit_rdcm
+from pyro_ext.infer.summaries import TimeSeriesSummary
 
 SHORT_HRF = torch.tensor([0.6, 0.3, 0.1])
 
@@ -381,6 +389,36 @@ def test_joint_fit_falls_back_to_mean_field(monkeypatch):
     y = net.simulate(1, generator=torch.Generator().manual_seed(0)).y[0]
     post = fits.fit_joint(net, y, num_steps=20, num_particles=2, num_samples=100)
     assert not post.extras["enumerated"] and post.extras["delay_probs"].shape == (2, 3)
+
+
+def test_network_summary_adds_log_sds_to_the_lagged_correlations():
+    summary = NetworkSummary({"y": torch.Size([50, 3])}, max_lag=4)
+    # 3 pairs x 9 lags + 3 nodes x 4 autocorrelation lags + 3 log-sds
+    assert summary.in_features == 3 * 9 + 3 * 4 + 3
+    y = torch.randn(2, 50, 3) * torch.tensor([1.0, 2.0, 4.0])
+    features = summary.features({"y": y})
+    assert torch.allclose(features[:, -3:], y.std(1).log())
+    assert torch.allclose(
+        features[:, :-3], TimeSeriesSummary({"y": torch.Size([50, 3])}, 4).features({"y": y})
+    )
+
+
+def test_hybrid_fit_runs_end_to_end_and_reports_its_components():
+    """Small sizes: stage 1 on 2000 simulations, a few stage-2 steps (the real checks are 9 and 10)."""
+    net = DelayedLinearNetwork(2, 60, max_delay=1, delay_mode="absolute")
+    guide = build_hybrid_guide(net, 2000, max_epochs=3, generator=torch.Generator().manual_seed(0))
+    y = net.simulate(1, generator=torch.Generator().manual_seed(1)).y[0]
+    post = fit_hybrid(net, y, guide=guide, num_steps=5, num_particles=1, num_samples=500)
+    assert post.method == "hybrid" and post.draws.shape == (500, 2, 2)
+    configurations, weights = post.extras["delay_configurations"], post.extras["delay_probs"]
+    assert configurations.shape[1] == 2 and len(configurations) == len(weights) <= 4
+    assert abs(weights.sum() - 1) < 1e-6
+    again = fit_hybrid(
+        net, y + 0.1, guide=guide, num_steps=5, num_particles=1, num_samples=500
+    )  # stage 2 reset
+    assert again.draws.shape == (500, 2, 2)
+    with pytest.raises(TypeError, match="HybridGuide"):
+        fit_hybrid(net, y, guide=object())
 
 
 # ------------------------------------------------------------------------------------------------ check 12
