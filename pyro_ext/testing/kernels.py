@@ -21,7 +21,14 @@ from torch import Tensor
 
 from pyro_ext.testing.modules import ModuleTestMixin
 
-__all__ = ["ConditionallyPositiveDefiniteKernelTestMixin", "contrast_basis", "cpd_spectrum"]
+__all__ = [
+    "ConditionallyPositiveDefiniteKernelTestMixin",
+    "bordered_posterior",
+    "contrast_basis",
+    "contrast_log_likelihood",
+    "cpd_spectrum",
+    "kriging_posterior",
+]
 
 
 def contrast_basis(
@@ -144,3 +151,64 @@ class ConditionallyPositiveDefiniteKernelTestMixin(ModuleTestMixin):
         gram.sum().backward()
         assert torch.isfinite(x.grad).all()
         assert all(torch.isfinite(p.grad).all() for p in kernel.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dense oracles for improper (flat-level) GP inference, written as directly from the formulas as possible
+
+
+def kriging_posterior(
+    train_train: Tensor, train_test: Tensor, test_test: Tensor, noise: float | Tensor, targets: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""The :math:`c \to \infty` posterior in the :math:`K^{-1}` form (ordinary kriging; GPML eq. 2.42).
+
+    :math:`m = \hat\beta + r_*^\top K^{-1}(y - \hat\beta \mathbf 1)`,
+    :math:`\Sigma = r_{**} - r_*^\top K^{-1} r_* + (1 - g)(1 - g)^\top / a` with :math:`K = R + \sigma^2 I`
+    (indefinite for a walk kernel: only its inverse is used, via a dense LU solve).
+    """
+    n = train_train.shape[-1]
+    matrix = train_train + noise * torch.eye(n, dtype=train_train.dtype)
+    ones = torch.ones(n, dtype=train_train.dtype)
+    solved = torch.linalg.solve(matrix, torch.cat([targets[:, None], ones[:, None], train_test], dim=1))
+    k_inv_y, k_inv_1, k_inv_cross = solved[:, 0], solved[:, 1], solved[:, 2:]
+    a = ones @ k_inv_1
+    beta = (ones @ k_inv_y) / a
+    mean = beta + train_test.mT @ (k_inv_y - beta * k_inv_1)
+    g = ones @ k_inv_cross
+    covariance = test_test - train_test.mT @ k_inv_cross + torch.outer(1 - g, 1 - g) / a
+    return mean, covariance
+
+
+def bordered_posterior(
+    train_train: Tensor, train_test: Tensor, test_test: Tensor, noise: float | Tensor, targets: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""The same posterior from the bordered (kriging) system
+    :math:`[K\ \mathbf 1; \mathbf 1^\top\ 0] [\lambda; \mu] = [r_*; 1]`: :math:`m = \lambda^\top y`,
+    :math:`\Sigma = r_{**} - \lambda^\top r_* - \mu`."""
+    n, m = train_test.shape
+    dtype = train_train.dtype
+    bordered = torch.zeros(n + 1, n + 1, dtype=dtype)
+    bordered[:n, :n] = train_train + noise * torch.eye(n, dtype=dtype)
+    bordered[:n, n] = 1.0
+    bordered[n, :n] = 1.0
+    rhs = torch.cat([train_test, torch.ones(1, m, dtype=dtype)], dim=0)
+    solution = torch.linalg.solve(bordered, rhs)
+    weights, multiplier = solution[:n], solution[n]
+    mean = weights.mT @ targets
+    covariance = test_test - weights.mT @ train_test - multiplier.unsqueeze(0)
+    return mean, (covariance + covariance.mT) / 2
+
+
+def contrast_log_likelihood(covariance: Tensor, targets: Tensor) -> Tensor:
+    r"""The restricted likelihood in contrast form: :math:`\log \mathcal N(Q^\top y; 0, Q^\top K Q) - \tfrac12
+    \log n`, with :math:`Q` from :func:`contrast_basis` (:math:`Q^\top K Q` is positive definite)."""
+    n = targets.shape[-1]
+    basis = contrast_basis(n, dtype=covariance.dtype)
+    contrast_covariance = basis.mT @ covariance @ basis
+    contrast_covariance = (contrast_covariance + contrast_covariance.mT) / 2
+    distribution = torch.distributions.MultivariateNormal(
+        torch.zeros(n - 1, dtype=covariance.dtype), contrast_covariance
+    )
+    return distribution.log_prob(basis.mT @ targets) - 0.5 * torch.log(
+        torch.tensor(float(n), dtype=covariance.dtype)
+    )
