@@ -533,8 +533,8 @@ class _ImproperPriorLayer(Module):
         main = covariance[..., :n, :n]
         # The representative's terms carry no gradient: L and the posterior do not depend on them at all.
         if self.representative == "anchor":
-            cross = covariance[..., :n, n:].to_dense().detach()  # r(x, x0)
-            level = covariance[..., n:, n:].to_dense().detach()  # r(x0, x0)
+            column = covariance[..., :, n:].to_dense().detach()  # one kernel call: r(x, x0) and r(x0, x0)
+            cross, level = column[..., :n, :], column[..., n:, :]
             half = level / 2 - cross  # K_a = R + half 1^T + 1 half^T: the covariance of f(x) - f(x0)
             ones = torch.ones_like(half)
             low_rank = MatmulLinearOperator(torch.cat([half, ones], -1), torch.cat([ones, half], -1).mT)

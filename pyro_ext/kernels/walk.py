@@ -76,13 +76,18 @@ class _WalkKernel(Kernel):
         """gamma_1(t) and gamma_1'(t) (None unless needed), accurate to rounding at every t."""
         raise NotImplementedError
 
+    #: the Gram path measures distances in units of lengthscale / _distance_scale (alpha for MaternWalk)
+    _distance_scale: float = 1.0
+
     def _covariance_and_gradient_factor(
-        self, t: Tensor, need_gradient: bool
+        self, distance: Tensor, need_gradient: bool, exact_small: bool
     ) -> tuple[Tensor, Tensor | None, float]:
         """For a Gram matrix: r = -gamma_1(t) and (F, c) with t gamma_1'(t) = c F (so dr/dl = c F / l).
 
-        ``t`` is a fresh tensor the caller gives away (it is overwritten): on a CPU every fresh Gram-sized
-        tensor costs page faults, so this works in place wherever it can.
+        ``distance`` is :math:`t` times :attr:`_distance_scale`, a fresh tensor the caller gives away (it is
+        overwritten): on a CPU every fresh Gram-sized tensor costs page faults, so this works in place.
+        ``exact_small=False`` allows skipping a small-distance branch where the distances themselves are less
+        accurate than the closed form (GPyTorch's quadratic-expansion distances for x1 == x2).
         """
         raise NotImplementedError
 
@@ -105,8 +110,10 @@ class _WalkKernel(Kernel):
                 x1,
                 x2,
                 self.lengthscale,
+                self._distance_scale,
                 self._covariance_and_gradient_factor,
                 lambda a, b: self.covar_dist(a, b, **params),
+                torch.is_grad_enabled(),
             )
         # Centre as GPyTorch's Matern does: the distances are then computed from small numbers.
         mean = x1.mean(dim=-2, keepdim=True)
@@ -137,11 +144,26 @@ class _IsotropicWalkCovariance(torch.autograd.Function):
     factor of dr/dl is formed in the forward pass, so backward is one product and a sum."""
 
     @staticmethod
-    def forward(ctx, x1: Tensor, x2: Tensor, lengthscale: Tensor, evaluate, dist_func) -> Tensor:
-        needs_grad = ctx.needs_input_grad[2]
+    def forward(
+        ctx,
+        x1: Tensor,
+        x2: Tensor,
+        lengthscale: Tensor,
+        distance_scale: float,
+        evaluate,
+        dist_func,
+        grad_enabled: bool,
+    ) -> Tensor:
+        # needs_input_grad stays True under torch.no_grad(): predictions would pay for an unused factor
+        needs_grad = ctx.needs_input_grad[2] and grad_enabled
         mean = x1.mean(dim=-2, keepdim=True)
-        t = dist_func((x1 - mean).div(lengthscale), (x2 - mean).div(lengthscale))
-        covariance, factor, constant = evaluate(t, needs_grad)
+        scale = lengthscale.reciprocal() * distance_scale
+        # For x1 == x2 GPyTorch forms distances from |x1|^2 + |x2|^2 - 2 x1.x2: at small t their rounding
+        # (eps |x|^2 in t^2) is hundreds of times the closed form's (eps B / alpha^2 in gamma_1), so a Taylor
+        # fix-up of those entries would not make them any more accurate.
+        exact_small = not torch.equal(x1, x2)
+        distance = dist_func((x1 - mean).mul(scale), (x2 - mean).mul(scale))
+        covariance, factor, constant = evaluate(distance, needs_grad, exact_small)
         if needs_grad:
             ctx.constant = constant
             ctx.save_for_backward(factor, lengthscale)
@@ -152,7 +174,7 @@ class _IsotropicWalkCovariance(torch.autograd.Function):
         factor, lengthscale = ctx.saved_tensors
         # dr/dl = gamma_1'(t) t / l = constant * factor / l; the scalars go after the reduction
         grad = (grad_output * factor).sum(dim=(-2, -1), keepdim=True).mul_(ctx.constant)
-        return None, None, grad.sum_to_size(lengthscale.shape).div(lengthscale), None, None
+        return None, None, grad.sum_to_size(lengthscale.shape).div(lengthscale), None, None, None, None
 
 
 class SmoothWalkKernel(_WalkKernel):
@@ -206,7 +228,7 @@ class SmoothWalkKernel(_WalkKernel):
         return value, (erf.mul_(math.sqrt(math.pi / 2)) if need_derivative else None)
 
     def _covariance_and_gradient_factor(
-        self, t: Tensor, need_gradient: bool
+        self, t: Tensor, need_gradient: bool, exact_small: bool
     ) -> tuple[Tensor, Tensor | None, float]:
         # t gamma_1'(t) = sqrt(pi/2) t erf(t / sqrt 2) = sqrt(pi/2) F with F = t erf(t / sqrt 2)
         factor = t.mul(math.sqrt(0.5)).erf_().mul_(t)
@@ -276,10 +298,14 @@ class MaternWalkKernel(_WalkKernel):
     def _value_and_derivative(self, t: Tensor, need_derivative: bool) -> tuple[Tensor, Tensor | None]:
         return self._series.value_and_derivative(t, need_derivative)
 
+    @property
+    def _distance_scale(self) -> float:
+        return self._series.alpha
+
     def _covariance_and_gradient_factor(
-        self, t: Tensor, need_gradient: bool
+        self, z: Tensor, need_gradient: bool, exact_small: bool
     ) -> tuple[Tensor, Tensor | None, float]:
-        return self._series.covariance_and_gradient_factor(t, need_gradient)
+        return self._series.covariance_and_gradient_factor(z, need_gradient, exact_small)
 
     def __repr__(self) -> str:  # nn.Module's repr shows no constructor arguments; j is structural
         return f"{type(self).__name__}(j={self.j})"
@@ -376,34 +402,47 @@ class _MaternWalkSeries:
         return value, derivative
 
     def covariance_and_gradient_factor(
-        self, t: Tensor, need_gradient: bool
+        self, z: Tensor, need_gradient: bool, exact_small: bool = True
     ) -> tuple[Tensor, Tensor | None, float]:
-        """r = -gamma_1(t) and F with t gamma_1'(t) = F / alpha^2, overwriting ``t``.
+        """r = -gamma_1(t) and F with t gamma_1'(t) = F / alpha^2, from z = alpha t, overwriting ``z``.
 
-        The value takes the Taylor branch below the switch. F does not: there the closed form's absolute
-        error (rounding times B) is multiplied by t, so the lengthscale gradient it feeds is exact to
-        rounding.
+        The value takes the Taylor branch below the switch (if ``exact_small``). F does not: there the closed
+        form's absolute error (rounding times B) is multiplied by z, so the lengthscale gradient it feeds is
+        exact to rounding.
         """
-        branch, work_dtype = self._branch(t.dtype)
+        branch, work_dtype = self._branch(z.dtype)
         alpha2 = self.alpha**2
-        z = t.mul_(self.alpha) if work_dtype == t.dtype else t.to(work_dtype).mul_(self.alpha)
-        small = z < branch.switch
+        out_dtype = z.dtype
+        z = z.contiguous() if work_dtype == z.dtype else z.to(work_dtype).contiguous()
+        if (
+            exact_small
+        ):  # the Taylor branch only where needed (a long polynomial): its entries, picked out first
+            small = (z < branch.switch).view(-1).nonzero().squeeze(-1)
+            z_small = z.view(-1).index_select(0, small)
         # The closed form is finite at every z >= 0 (it only loses digits below the switch), so only the
-        # cutoff clamp is needed; F must see the true z. Fresh Gram-sized tensors are few on purpose: three.
+        # cutoff clamp is needed; F must see the true z. Gram-sized allocations are few on purpose.
         decay = z.clamp(max=self.cutoff)
         # r = e^{-z} (-q(z) / alpha^2) - (A / alpha^2) z + B / alpha^2: signs, scales folded into coefficients
-        covariance = _horner_(tuple(-c / alpha2 for c in self.tail), decay)
-        factor = _horner_(self.tail_derivative, decay) if need_gradient else None
+        tail = _horner_(tuple(-c / alpha2 for c in self.tail), decay) if len(self.tail) > 1 else None
+        factor = _horner_(self.tail_derivative, decay) if need_gradient and len(self.tail) > 1 else None
         decay.neg_().exp_()
-        covariance.mul_(decay).add_(z, alpha=-self.slope_term / alpha2).add_(self.offset / alpha2)
-        if factor is not None:
-            torch.addcmul(z.new_tensor(self.slope_term), factor, decay, out=factor).mul_(z)
-        z_small = z[small]  # the Taylor branch only where needed: it is a long polynomial
-        taylor = _horner_(tuple(-c / alpha2 for c in branch.coefficients), z_small).mul_(z_small.square())
-        covariance.masked_scatter_(small, taylor)
-        if work_dtype != t.dtype:
-            covariance = covariance.to(t.dtype)
-            factor = factor.to(t.dtype) if factor is not None else None
+        if need_gradient:  # F = z [A + e^{-z} (q' - q)(z)]
+            if factor is None:  # j = 1: q' - q is the constant -q_0
+                factor = torch.add(z.new_tensor(self.slope_term), decay, alpha=self.tail_derivative[0])
+            else:
+                torch.addcmul(z.new_tensor(self.slope_term), factor, decay, out=factor)
+            factor.mul_(z)
+        covariance = torch.add(z.new_tensor(self.offset / alpha2), z, alpha=-self.slope_term / alpha2, out=z)
+        if tail is None:  # j = 1: q is the constant q_0
+            covariance.add_(decay, alpha=-self.tail[0] / alpha2)
+        else:
+            torch.addcmul(covariance, tail, decay, out=covariance)
+        if exact_small:
+            taylor = _horner_(tuple(-c / alpha2 for c in branch.coefficients), z_small).mul_(z_small.square())
+            covariance.view(-1).index_copy_(0, small, taylor)
+        if work_dtype != out_dtype:
+            covariance = covariance.to(out_dtype)
+            factor = factor.to(out_dtype) if factor is not None else None
         return covariance, factor, 1.0 / alpha2
 
 
