@@ -160,18 +160,27 @@ class _Counted:
 
 
 def run(quick: bool = False) -> list[Measurement]:
-    """P1 and P2 at n in {500, 2000} (Cholesky) and {10^4, 2 10^4} (CG); quick: n = 500."""
+    """P1 and P2 at n in {500, 2000} (Cholesky) and {10^4, 2 10^4} (CG); quick: n = 500.
+
+    On a CPU the CG sizes are cut to what fits in minutes: 10^4 in float64 with predictions, 2 10^4 in float32
+    without (a float64 2 10^4 Gram matrix is 3.2 GB, and LOVE's 100 Lanczos products plus the mean solve take
+    minutes per call there). On a GPU both dtypes and the predictions run at both sizes.
+    """
     cholesky_sizes = [500] if quick else [500, 2000]
-    cg_sizes = [] if quick else [10_000, 20_000]
     measurements: list[Measurement] = []
     for n in cholesky_sizes:
         for dtype in (torch.float64, torch.float32):
             measurements += _compare(n, dtype, path="cholesky", repeats=5 if n <= 500 else 3)
-    for n in cg_sizes:
-        # 2 10^4 in float64 needs several 3.2 GB Gram-sized temporaries: float32 only on a small machine
-        dtypes = (torch.float64, torch.float32) if n <= 10_000 else (torch.float32,)
+    if quick:
+        return measurements
+    _compare(300, torch.float64, path="cg", repeats=1)  # compiles linear_operator's scripted CG: not timed
+    gpu = torch.cuda.is_available()
+    for n, dtypes, predictions in (
+        (10_000, (torch.float64, torch.float32) if gpu else (torch.float64,), True),
+        (20_000, (torch.float64, torch.float32) if gpu else (torch.float32,), gpu),
+    ):
         for dtype in dtypes:
-            measurements += _compare(n, dtype, path="cg", repeats=1)
+            measurements += _compare(n, dtype, path="cg", repeats=1, predictions=predictions)
     return measurements
 
 
@@ -179,12 +188,16 @@ def _timer() -> float:
     return time.perf_counter() if torch.cuda.is_available() else time.process_time()
 
 
-def _compare(n: int, dtype: torch.dtype, path: str, repeats: int) -> list[Measurement]:
-    x, y, test_x = _data(n, dtype)
+def _compare(
+    n: int, dtype: torch.dtype, path: str, repeats: int, predictions: bool = True
+) -> list[Measurement]:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    x, y, test_x = (tensor.to(device) for tensor in _data(n, dtype))
     walk, walk_mll = _build(_WalkModel, x, y, dtype)
     anchored, anchored_mll = _build(_AnchoredExactGP, x, y, dtype)
     matern, matern_mll = _build(_MaternExactGP, x, y, dtype)
     for model in (walk, anchored, matern):
+        model.to(device)
         model.covar_module.outputscale = 1.0
         model.covar_module.base_kernel.lengthscale = 1.0
     settings = ExitStack()
@@ -207,7 +220,7 @@ def _compare(n: int, dtype: torch.dtype, path: str, repeats: int) -> list[Measur
                 )
             }
         }
-        for fast in (False, True) if path == "cholesky" else (True,):
+        for fast in ((False, True) if path == "cholesky" else (True,)) if predictions else ():
             label = "predict fast_pred_var" if fast else "predict dense var"
             tasks[label] = {
                 name: _prediction(model, test_x, fast)

@@ -640,9 +640,12 @@ class ImproperExactGP(ExactGP, _ImproperPriorLayer):
             if representative != "anchor":
                 raise ValueError("anchor is only used with representative='anchor'")
             anchor = (anchor,) if isinstance(anchor, Tensor) else tuple(anchor)
-            anchor = tuple(
-                a.reshape(*a.shape[:-1], 1, a.shape[-1]) if a.dim() > 1 else a.view(1, -1) for a in anchor
-            )
+            anchor = tuple(a.view(1, -1) if a.dim() == 1 else a for a in anchor)  # a point (d,) is (1, d)
+            if any(a.dim() < 2 or a.shape[-2] != 1 for a in anchor):
+                raise ValueError(
+                    "anchor must be one point per input tensor, of shape (d,) or (..., 1, d); got shapes "
+                    f"{[tuple(a.shape) for a in anchor]}"
+                )
             if not all(torch.isfinite(a).all() for a in anchor):
                 raise ValueError("anchor must be finite")
         _validate_training_data(train_inputs, train_targets)

@@ -150,6 +150,7 @@ def test_results_do_not_depend_on_the_representative():
     for options in variants:
         model = WalkGP(x, y, make_likelihood(NOISE), copy.deepcopy(reference.covar_module), **options)
         mean, covariance = posterior(model, test_x)
+        assert mean.shape == expected_mean.shape and covariance.shape == expected_covariance.shape
         assert relative_error(mean, expected_mean) < 1e-9, options
         assert relative_error(covariance, expected_covariance) < 1e-9, options
 
@@ -530,6 +531,7 @@ def test_set_train_data_is_validated():
         ({"shift": 2.0}, "shift"),
         ({"representative": "shift", "anchor": torch.zeros(1, 1)}, "anchor"),
         ({"anchor": torch.tensor([[math.nan]])}, "anchor"),
+        ({"anchor": torch.zeros(2, 1)}, "anchor"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message):
