@@ -548,7 +548,12 @@ class _ImproperPriorLayer(Module):
                 )
                 level_shift = level_shift.squeeze(-1)
             low_rank = RootLinearOperator(_constant_root(main, level_shift))
-        prior = ImproperMultivariateNormal(output.loc[..., :n], SumLinearOperator(main, low_rank))
+        if self.training and n <= settings.max_cholesky_size.value():
+            # The Cholesky path densifies it anyway: one dense matrix spares linear_operator's bookkeeping
+            representative = to_linear_operator(main.to_dense() + low_rank.to_dense())
+        else:
+            representative = SumLinearOperator(main, low_rank)
+        prior = ImproperMultivariateNormal(output.loc[..., :n], representative)
         prior._level_shift = level_shift  # lets the likelihood and the posterior grow a failed shift
         return prior
 

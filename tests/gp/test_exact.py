@@ -538,3 +538,20 @@ def test_bad_options_are_clear_errors(options, message):
     x, y = walk_data(10)
     with pytest.raises(ValueError, match=message):
         WalkGP(x, y, make_likelihood(NOISE), KERNELS["smooth"](), **options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+def test_cuda_matches_cpu():
+    x, y = walk_data(50)
+    test_x = torch.linspace(-5.0, 15.0, 11)
+    model = WalkGP(x, y, make_likelihood(NOISE), KERNELS["walk+periodic"]())
+    mean, covariance = posterior(model, test_x)
+    model.train()
+    model = model.cuda()
+    model.set_train_data(x.cuda(), y.cuda(), strict=False)
+    cuda_mean, cuda_covariance = posterior(model, test_x.cuda())
+    assert relative_error(cuda_mean.cpu(), mean) < 1e-9
+    assert relative_error(cuda_covariance.cpu(), covariance) < 1e-9
+    model.train()
+    value = ImproperMarginalLogLikelihood(model.likelihood, model)(model(x.cuda()), y.cuda())
+    assert torch.isfinite(value)
