@@ -548,7 +548,12 @@ class _ImproperPriorLayer(Module):
                 )
                 level_shift = level_shift.squeeze(-1)
             low_rank = RootLinearOperator(_constant_root(main, level_shift))
-        if self.training and n <= settings.max_cholesky_size.value():
+        on_training_inputs = self.training or (
+            self.train_inputs is not None
+            and len(inputs) == len(self.train_inputs)
+            and all(x.shape == t.shape and torch.equal(x, t) for x, t in zip(inputs, self.train_inputs))
+        )
+        if on_training_inputs and n <= settings.max_cholesky_size.value():
             # The Cholesky path densifies it anyway: one dense matrix spares linear_operator's bookkeeping
             representative = to_linear_operator(main.to_dense() + low_rank.to_dense())
         else:
