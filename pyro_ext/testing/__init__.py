@@ -5,10 +5,13 @@ a few factory methods; the mixins then run the checks every object of that kind 
 
 - :class:`~pyro_ext.testing.modules.ModuleTestMixin`: ``state_dict`` round trip, float32 and
   float64, reproducibility under a seed, CUDA when available.
+- :class:`~pyro_ext.testing.kernels.ConditionallyPositiveDefiniteKernelTestMixin`: conditional positive
+  definiteness in several dimensions, zero diagonal, diag mode, pickle, gradients at coincident points.
 
 This package imports no part of pyro_ext (parts' tests import it, not the other way round).
 """
 
+from pyro_ext.testing.kernels import ConditionallyPositiveDefiniteKernelTestMixin
 from pyro_ext.testing.modules import ModuleTestMixin
 
-__all__ = ["ModuleTestMixin"]
+__all__ = ["ConditionallyPositiveDefiniteKernelTestMixin", "ModuleTestMixin"]
