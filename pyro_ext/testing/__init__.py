@@ -5,10 +5,13 @@ a few factory methods; the mixins then run the checks every object of that kind 
 
 - :class:`~pyro_ext.testing.modules.ModuleTestMixin`: ``state_dict`` round trip, float32 and
   float64, reproducibility under a seed, CUDA when available.
+- :class:`~pyro_ext.testing.transforms.TransformTestMixin`: any nflows-style transform: both
+  round trips, log-determinants against autograd, batch rows, state, float32, CUDA.
 
 This package imports no part of pyro_ext (parts' tests import it, not the other way round).
 """
 
 from pyro_ext.testing.modules import ModuleTestMixin
+from pyro_ext.testing.transforms import TransformTestMixin
 
-__all__ = ["ModuleTestMixin"]
+__all__ = ["ModuleTestMixin", "TransformTestMixin"]
