@@ -309,12 +309,14 @@ def _in_coordinates(bijector: SiteBijector, fn: Distribution, request: _Request)
 def _dispatch(fn: Distribution, request: _Request) -> SiteBijector:
     if not isinstance(fn, Distribution):
         raise TypeError(f"fn must be a torch.distributions.Distribution; got {type(fn).__name__}")
-    _reject_discrete(fn, request)
     rule = _lookup(type(fn))
+    if rule is not None and rule[1]:
+        # Built-in rules cover continuous families, and wrappers dispatch (and so check) their base:
+        # skipping the support check here keeps the per-site cost of a structured pass low.
+        return rule[0](fn, request)
+    _reject_discrete(fn, request)
     if rule is not None:
-        factory, takes_request = rule
-        if takes_request:
-            return factory(fn, request)
+        factory, _ = rule
         bijector = factory(fn)
         if not isinstance(bijector, SiteBijector):
             raise TypeError(
@@ -457,6 +459,7 @@ def _expanded(fn: ExpandedDistribution, request: _Request) -> SiteBijector:
 
 @_register_builtin(torch.distributions.MixtureSameFamily)
 def _mixture(fn: torch.distributions.MixtureSameFamily, request: _Request) -> SiteBijector:
+    _reject_discrete(fn, request)
     components = fn.component_distribution
     if components.event_shape != torch.Size():
         raise _unsupported(fn, request, "multivariate mixtures have no elementwise inverse cdf")
