@@ -35,7 +35,7 @@ from nflows.transforms.base import Transform
 from pyro.distributions import constraints
 from torch import Tensor, nn
 
-from pyro_ext.flows._univariate import univariate_numerics
+from pyro_ext.flows._univariate import log_sigmoid, univariate_numerics
 from pyro_ext.flows.roots import implicit_step, monotone_root
 from pyro_ext.flows.site_maps import MixtureBijector
 
@@ -75,7 +75,7 @@ class _FastPath(Transform):
 
     def _log_gates(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         scaled = self.gate_temperature * logits
-        return F.logsigmoid(scaled), F.logsigmoid(-scaled)
+        return log_sigmoid(scaled), log_sigmoid(-scaled)
 
     def _check_inputs(self, inputs: Tensor) -> None:
         if not isinstance(inputs, Tensor) or inputs.dim() != 2 or inputs.shape[-1] != self.features:

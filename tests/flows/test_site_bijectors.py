@@ -233,7 +233,8 @@ def _rounding_allowance(
 
 def _log_abs_det(transform: T.Transform, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(T(y), log|T'(y)|)``, elementwise. torch's SigmoidTransform log-det uses softplus, which is linear
-    beyond 20 and so drops terms ~e^{-20} = 2e-9; the reference here uses logsigmoid, exact to rounding."""
+    beyond 20 and so drops terms ~e^{-20} = 2e-9; the reference here uses
+    log sigmoid(z) = min(z, 0) - log1p(exp(-|z|)), exact to rounding."""
     if isinstance(transform, T.ComposeTransform):
         total = torch.zeros_like(y)
         for part in transform.parts:
@@ -241,7 +242,8 @@ def _log_abs_det(transform: T.Transform, y: torch.Tensor) -> tuple[torch.Tensor,
             total = total + term
         return y, total
     if isinstance(transform, T.SigmoidTransform):
-        return transform(y), torch.nn.functional.logsigmoid(y) + torch.nn.functional.logsigmoid(-y)
+        log_sigmoid = lambda z: torch.clamp(z, max=0) - torch.log1p(torch.exp(-z.abs()))  # noqa: E731
+        return transform(y), log_sigmoid(y) + log_sigmoid(-y)
     x = transform(y)
     return x, transform.log_abs_det_jacobian(y, x)
 
