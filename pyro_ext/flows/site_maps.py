@@ -569,9 +569,3 @@ class IndependentBijector(SiteBijector):
 
     def value_bracket(self, eps):
         return self.base.value_bracket(eps)
-
-    def __getattr__(self, name: str) -> Any:
-        # loc / scale / scale_tril of an affine base, for callers that do not unwrap with `leaf`.
-        if name in ("loc", "scale", "scale_tril"):
-            return getattr(self.base, name)
-        raise AttributeError(name)
