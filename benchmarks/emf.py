@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
-from nflows.transforms import CompositeTransform, MaskedAffineAutoregressiveTransform, ReversePermutation
 
 from benchmarks.harness import Measurement, time_pair
-from pyro_ext.flows.emf import emf_flow
+from pyro_ext.flows.emf import backbone_flow, emf_flow
 from pyro_ext.flows.fast_paths import GaussianChainTransform, HierarchicalGaussianTransform
 
 __all__ = ["run"]
@@ -66,24 +65,11 @@ def _log_prob_pair(
     return time_pair(name, ours, anchor, repeats=repeats, warmup=2, info=info)
 
 
-def _maf_backbone(features: int, hidden: int, layers: int = 2) -> list[torch.nn.Module]:
-    transforms: list[torch.nn.Module] = []
-    for index in range(layers):
-        if index:
-            transforms.append(ReversePermutation(features))
-        transforms.append(
-            MaskedAffineAutoregressiveTransform(
-                features=features, hidden_features=hidden, num_blocks=1, use_residual_blocks=False
-            )
-        )
-    return transforms
-
-
 def _training_step_pair(name: str, structured: torch.nn.Module, batch: int, repeats: int) -> Measurement:
     features = structured.features
     torch.manual_seed(0)
     ours_flow = emf_flow(structured, position="top", backbone="maf", num_layers=2, hidden_features=512)
-    anchor_flow = Flow(CompositeTransform(_maf_backbone(features, 512)), StandardNormal([features]))
+    anchor_flow = backbone_flow(features, backbone="maf", num_layers=2, hidden_features=512)
     ours_optimizer = torch.optim.Adam(ours_flow.parameters(), lr=1e-4)
     anchor_optimizer = torch.optim.Adam(anchor_flow.parameters(), lr=1e-4)
     with torch.no_grad():
