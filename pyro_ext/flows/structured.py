@@ -1092,9 +1092,36 @@ class GatedStructuredTransform(StructuredTransform):
         }
 
     def _log_gates(self, name: str) -> tuple[Tensor, Tensor]:
+        cache = self.__dict__.get("_gate_cache")
+        if cache is not None:
+            return cache[name]
         scaled = self.gate_temperature * self.gate_logits[self._gate_keys[name]]
         # log(1 - lambda) = logsigmoid(-tau w) stays accurate when lambda rounds to 1.
         return _log_sigmoid(scaled), _log_sigmoid(-scaled)
+
+    def _all_log_gates(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``(log lambda, log(1 - lambda))`` of every gated site, computed in one vectorised step (a
+        captured graph then has a few gate operations per pass instead of several per site)."""
+        names = list(self._gate_keys)
+        if not names:
+            return {}
+        gates = [self.gate_logits[self._gate_keys[name]] for name in names]
+        scaled = self.gate_temperature * torch.cat([gate.reshape(-1) for gate in gates])
+        sizes = [gate.numel() for gate in gates]
+        log_gate, log_one_minus_gate = _log_sigmoid(scaled).split(sizes), _log_sigmoid(-scaled).split(sizes)
+        return {
+            name: (a.reshape(gate.shape), b.reshape(gate.shape))
+            for name, gate, a, b in zip(names, gates, log_gate, log_one_minus_gate)
+        }
+
+    def _pass(
+        self, direction: str, inputs: Tensor, context: Tensor | None, batched: bool
+    ) -> tuple[Tensor, Tensor]:
+        self.__dict__["_gate_cache"] = self._all_log_gates()
+        try:
+            return super()._pass(direction, inputs, context, batched)
+        finally:
+            self.__dict__["_gate_cache"] = None
 
     def _site_to_noise(
         self, info: SiteInfo, fn: Any, value: Tensor, batched: bool
