@@ -7,11 +7,14 @@ a few factory methods; the mixins then run the checks every object of that kind 
   float64, reproducibility under a seed, CUDA when available.
 - :class:`~pyro_ext.testing.kernels.ConditionallyPositiveDefiniteKernelTestMixin`: conditional positive
   definiteness in several dimensions, zero diagonal, diag mode, pickle, gradients at coincident points.
+- :class:`~pyro_ext.testing.transforms.TransformTestMixin`: any nflows-style transform: both
+  round trips, log-determinants against autograd, batch rows, state, float32, CUDA.
 
 This package imports no part of pyro_ext (parts' tests import it, not the other way round).
 """
 
 from pyro_ext.testing.kernels import ConditionallyPositiveDefiniteKernelTestMixin
 from pyro_ext.testing.modules import ModuleTestMixin
+from pyro_ext.testing.transforms import TransformTestMixin
 
-__all__ = ["ConditionallyPositiveDefiniteKernelTestMixin", "ModuleTestMixin"]
+__all__ = ["ConditionallyPositiveDefiniteKernelTestMixin", "ModuleTestMixin", "TransformTestMixin"]
