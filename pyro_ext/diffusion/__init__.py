@@ -9,6 +9,14 @@ with a drop-in Gaussian late start.
 References: Ambrogioni, arXiv:2309.17290; Raya & Ambrogioni, arXiv:2305.19693; Ambrogioni, arXiv:2310.17467.
 """
 
+from pyro_ext.diffusion.energy import (
+    ConditionedEnergy,
+    EmpiricalEnergy,
+    Energy,
+    GaussianEnergy,
+    GaussianMixtureEnergy,
+    ScoreNetEnergy,
+)
 from pyro_ext.diffusion.schedules import (
     DDPM,
     Cosine,
@@ -24,6 +32,12 @@ from pyro_ext.diffusion.schedules import (
 
 __all__ = [
     "DDPM",
+    "ConditionedEnergy",
+    "EmpiricalEnergy",
+    "Energy",
+    "GaussianEnergy",
+    "GaussianMixtureEnergy",
+    "ScoreNetEnergy",
     "Cosine",
     "ParametrisedScore",
     "Schedule",
