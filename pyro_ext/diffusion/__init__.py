@@ -9,6 +9,7 @@ with a drop-in Gaussian late start.
 References: Ambrogioni, arXiv:2309.17290; Raya & Ambrogioni, arXiv:2305.19693; Ambrogioni, arXiv:2310.17467.
 """
 
+from pyro_ext.diffusion.distributions import DiffusionEnergy, energy_nuts, factor_model, potential_fn
 from pyro_ext.diffusion.energy import (
     ConditionedEnergy,
     EmpiricalEnergy,
@@ -33,6 +34,7 @@ from pyro_ext.diffusion.schedules import (
 __all__ = [
     "DDPM",
     "ConditionedEnergy",
+    "DiffusionEnergy",
     "EmpiricalEnergy",
     "Energy",
     "GaussianEnergy",
@@ -45,6 +47,9 @@ __all__ = [
     "VEVariance",
     "VPLinear",
     "convert",
+    "energy_nuts",
+    "factor_model",
+    "potential_fn",
     "ddpm_index_to_t",
     "t_to_ddpm_index",
 ]

@@ -6,10 +6,36 @@ Checks that need a Python ``bool`` of a tensor (``(t < 0).any()``) cannot run un
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
-__all__ = ["check_finite", "check_vector", "under_functorch"]
+__all__ = ["check_finite", "check_vector", "checked_times", "times_checked", "under_functorch"]
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def checked_times() -> Iterator[None]:
+    """Within this block, times were already range-checked: schedules skip their repeated checks.
+
+    Energies check ``t`` once on entry and then call several schedule methods on it; each check costs
+    a device synchronisation, and in MCMC the energy is called thousands of times.
+    """
+    depth = getattr(_STATE, "depth", 0)
+    _STATE.depth = depth + 1
+    try:
+        yield
+    finally:
+        _STATE.depth = depth
+
+
+def times_checked() -> bool:
+    """True inside :func:`checked_times`."""
+    return getattr(_STATE, "depth", 0) > 0
 
 
 def under_functorch(*tensors: Tensor) -> bool:

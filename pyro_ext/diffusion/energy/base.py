@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from pyro_ext.diffusion._validation import check_finite, check_vector, under_functorch
+from pyro_ext.diffusion._validation import check_finite, check_vector, checked_times, under_functorch
 from pyro_ext.diffusion.schedules import Schedule, TimeLike, broadcast_time
 
 __all__ = ["ConditionedEnergy", "Energy", "sample_shape_of"]
@@ -83,7 +83,8 @@ class Energy(nn.Module):
 
     def _coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`(\alpha(t), \sigma^2(t))`, refusing :math:`\sigma = 0` where an energy has no density."""
-        alpha, sigma2 = self.schedule.alpha(t), self.schedule.sigma(t) ** 2
+        with checked_times():  # t comes from _prepare or as_time: checked once already
+            alpha, sigma2 = self.schedule.alpha(t), self.schedule.sigma(t) ** 2
         if not under_functorch(sigma2) and bool((sigma2 == 0).any()):
             raise ValueError(
                 f"t = {t[sigma2 == 0].unique().tolist()[:5]} has sigma(t) = 0, where {type(self).__name__} "
