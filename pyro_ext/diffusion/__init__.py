@@ -18,6 +18,7 @@ from pyro_ext.diffusion.energy import (
     GaussianMixtureEnergy,
     ScoreNetEnergy,
 )
+from pyro_ext.diffusion.hopfield import diffusion_bias, hopfield_energy, hopfield_update, retrieve_hopfield
 from pyro_ext.diffusion.schedules import (
     DDPM,
     Cosine,
@@ -47,9 +48,13 @@ __all__ = [
     "VEVariance",
     "VPLinear",
     "convert",
+    "diffusion_bias",
     "energy_nuts",
     "factor_model",
+    "hopfield_energy",
+    "hopfield_update",
     "potential_fn",
+    "retrieve_hopfield",
     "ddpm_index_to_t",
     "t_to_ddpm_index",
 ]

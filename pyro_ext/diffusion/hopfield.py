@@ -51,7 +51,7 @@ def _logits(xi: Tensor, patterns: Tensor, beta: Tensor, bias: Tensor | None) -> 
 
 
 def hopfield_energy(xi: Tensor, patterns: Tensor, beta: float | Tensor, bias: Tensor | None = None) -> Tensor:
-    r"""Modern Hopfield energy :math:`-\beta^{-1}\operatorname{lse}_i(\beta y_i^T\xi + b_i) + \tfrac12\|\xi\|^2`.
+    r"""Modern Hopfield energy :math:`-\beta^{-1}\log\sum_i e^{\beta y_i^T\xi + b_i} + \tfrac12\|\xi\|^2`.
 
     :param Tensor xi: states, ``[..., d]``.
     :param Tensor patterns: stored memories :math:`y_i`, ``[N, d]``.
