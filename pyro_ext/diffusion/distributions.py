@@ -109,7 +109,7 @@ class DiffusionEnergy(TorchDistribution):
         if sampler is not None and not callable(sampler):
             raise TypeError(f"sampler must be callable as sampler(shape); got {type(sampler).__name__}")
         self.energy = energy
-        self.t = energy.schedule.as_time(t).to(dtype=energy.dtype, device=energy.device)
+        self.t = energy._time(t)
         self.temperature = _check_temperature(temperature)
         self.sampler = sampler
         super().__init__(self.t.shape, torch.Size([energy.dim]), validate_args=validate_args)
@@ -194,7 +194,7 @@ def potential_fn(
     """
     energy = _conditioned(energy, condition)
     temperature = _check_temperature(temperature)
-    t = energy.schedule.as_time(t)
+    t = energy._time(t)
 
     def potential(params: Mapping[str, Tensor]) -> Tensor:
         if site not in params:

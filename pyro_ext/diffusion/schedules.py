@@ -88,18 +88,34 @@ class Schedule(nn.Module):
         return f"t_min={self.t_min:g}, t_max={self.t_max:g}"
 
     # ----------------------------------------------------------------------------------------- time
-    def as_time(self, t: TimeLike, *, check: bool = True, name: str = "t") -> Tensor:
-        """``t`` as a floating tensor (a float takes the buffers' dtype and device), range-checked.
+    def as_time(
+        self,
+        t: TimeLike,
+        *,
+        check: bool = True,
+        name: str = "t",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """``t`` as a floating tensor, range-checked.
+
+        A float becomes a tensor of ``dtype`` (default: the buffers' dtype) on ``device``, so that a float64
+        computation never sees a float32-rounded time.
 
         :param t: a float or a tensor of times.
         :param bool check: raise ``ValueError`` if a time lies outside ``[t_min, t_max]`` or is NaN.
         :param str name: the argument name used in the error message.
+        :param dtype: dtype for a float or integer ``t``.
+        :param device: device for a float ``t``.
         """
+        dtype = dtype or self._anchor.dtype
         if isinstance(t, Tensor):
             if not t.is_floating_point():
-                t = t.to(self._anchor.dtype)
+                t = t.to(dtype)
         elif isinstance(t, (float, int)) and not isinstance(t, bool):
-            t = torch.tensor(float(t), dtype=self._anchor.dtype, device=self._anchor.device)
+            t = torch.tensor(
+                float(t), dtype=dtype, device=device if device is not None else self._anchor.device
+            )
         else:
             raise TypeError(f"{name} must be a float or a tensor; got {type(t).__name__}")
         if check:
@@ -189,6 +205,12 @@ class Schedule(nn.Module):
         return getattr(self, name).to(dtype=like.dtype, device=like.device)
 
 
+def _constant(value: float) -> Tensor:
+    # Constants are kept in float64 whatever the default dtype, so that a float64 computation never sees a
+    # float32-rounded beta; every method casts them to the dtype of ``t`` (``.float()`` converts them).
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
 def _vp_log_sigma2(log_alpha: Tensor) -> Tensor:
     # sigma^2 = 1 - alpha^2 = -expm1(2 log alpha), accurate as alpha -> 1.
     return torch.log(-torch.expm1(2.0 * log_alpha))
@@ -218,8 +240,8 @@ class VPLinear(Schedule):
         super().__init__(0.0, 1.0)
         if not (0.0 <= beta_min and beta_min <= beta_max and beta_max > 0 and math.isfinite(beta_max)):
             raise ValueError(f"need 0 <= beta_min <= beta_max, beta_max > 0; got {beta_min}, {beta_max}")
-        self.register_buffer("beta_min", torch.tensor(float(beta_min)))
-        self.register_buffer("beta_max", torch.tensor(float(beta_max)))
+        self.register_buffer("beta_min", _constant(beta_min))
+        self.register_buffer("beta_max", _constant(beta_max))
 
     def beta(self, t: TimeLike) -> Tensor:
         r""":math:`\beta(t) = \beta_0 + t(\beta_1 - \beta_0)`."""
@@ -304,10 +326,9 @@ class DDPM(Schedule):
         self.num_steps = int(num_steps)
         betas = torch.linspace(beta_start, beta_end, self.num_steps, dtype=torch.float64)
         knots = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
-        dtype = torch.get_default_dtype()
-        self.register_buffer("betas", betas.to(dtype))
+        self.register_buffer("betas", betas)
         #: log alpha_bar at t = k/K, k = 0..K (length K + 1, first entry 0).
-        self.register_buffer("log_alpha_bar_knots", knots.to(dtype))
+        self.register_buffer("log_alpha_bar_knots", knots)
 
     @property
     def alphas_cumprod(self) -> Tensor:
@@ -392,7 +413,7 @@ class Cosine(Schedule):
         if not s > 0:
             raise ValueError(f"s must be positive; got {s}")
         super().__init__(0.0, t_max)
-        self.register_buffer("s", torch.tensor(float(s)))
+        self.register_buffer("s", _constant(s))
 
     def _phase(self, t: Tensor) -> Tensor:
         s = self._const("s", t)
@@ -445,8 +466,8 @@ class VEGeometric(Schedule):
         super().__init__(0.0, 1.0)
         if not (0.0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
             raise ValueError(f"need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
-        self.register_buffer("sigma_min", torch.tensor(float(sigma_min)))
-        self.register_buffer("sigma_max", torch.tensor(float(sigma_max)))
+        self.register_buffer("sigma_min", _constant(sigma_min))
+        self.register_buffer("sigma_max", _constant(sigma_max))
 
     def _log_ratio(self, like: Tensor) -> Tensor:
         return torch.log(self._const("sigma_max", like) / self._const("sigma_min", like))
@@ -495,7 +516,7 @@ class VEVariance(Schedule):
         super().__init__(0.0, t_max)
         if not (c > 0 and math.isfinite(c)):
             raise ValueError(f"c must be positive and finite; got {c}")
-        self.register_buffer("c", torch.tensor(float(c)))
+        self.register_buffer("c", _constant(c))
 
     def log_alpha(self, t: TimeLike) -> Tensor:
         return torch.zeros_like(self.as_time(t))
@@ -526,7 +547,7 @@ def broadcast_time(schedule: Schedule, x: Tensor, t: TimeLike, *, name: str = "t
 
     ``t`` takes ``x``'s dtype and device. Both are expanded (not copied) to the common batch shape.
     """
-    t = schedule.as_time(t, name=name)
+    t = schedule.as_time(t, name=name, dtype=x.dtype, device=x.device)
     t = t.to(dtype=x.dtype, device=x.device)
     try:
         batch = torch.broadcast_shapes(t.shape, x.shape[:-1])

@@ -596,3 +596,14 @@ class TestScoreNetEnergyModule(ModuleTestMixin):
     def evaluate(self, module, inputs):
         x, t = inputs
         return module.energy(x, t).detach(), module.score(x, t).detach()
+
+
+def test_float64_energy_with_a_schedule_made_under_float32_default():
+    # A schedule built while the default dtype is float32 must not round a float64 computation's constants
+    # or times to float32 (its constants are float64 buffers; a float t takes x's dtype).
+    patterns, x = torch.randn(6, 3), torch.randn(4, 3)
+    expected = EmpiricalEnergy(patterns, VPLinear()).score(x, 0.05)
+    torch.set_default_dtype(torch.float32)
+    schedule = VPLinear()
+    torch.set_default_dtype(torch.float64)
+    assert torch.equal(EmpiricalEnergy(patterns, schedule).score(x, 0.05), expected)

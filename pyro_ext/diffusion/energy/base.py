@@ -81,6 +81,12 @@ class Energy(nn.Module):
             x = x.to(self.dtype)
         return broadcast_time(self.schedule, x, t)
 
+    def _time(self, t: TimeLike) -> Tensor:
+        """``t`` range-checked, as a tensor in the energy's dtype and on its device."""
+        return self.schedule.as_time(t, dtype=self.dtype, device=self.device).to(
+            dtype=self.dtype, device=self.device
+        )
+
     def _coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`(\alpha(t), \sigma^2(t))`, refusing :math:`\sigma = 0` where an energy has no density."""
         with checked_times():  # t comes from _prepare or as_time: checked once already

@@ -211,9 +211,7 @@ class EmpiricalEnergy(Energy):
         a, c = alpha / sigma2, alpha**2 / (2.0 * sigma2)
         guard = math.log(torch.finfo(dtype).tiny) + 10.0  # subnormal guard (see the class docstring)
         lowest = torch.finfo(dtype).min
-        running_max = torch.full((rows,), -math.inf, dtype=dtype, device=x.device)
-        total = torch.zeros(rows, dtype=dtype, device=x.device)
-        weighted = torch.zeros(rows, self.dim, dtype=dtype, device=x.device) if need_mean else None
+        running_max = total = weighted = None
         top_val = top_idx = None
         for start, end in self._chunks(rows):
             logits = self._logits(x, a, c, start, end, scalar)
@@ -225,13 +223,19 @@ class EmpiricalEnergy(Energy):
                     val, pos = torch.cat([top_val, val], 1).topk(min(topk, top_val.shape[1] + k), dim=1)
                     idx = torch.cat([top_idx, idx], 1).gather(1, pos)
                 top_val, top_idx = val, idx
-            new_max = torch.maximum(running_max, logits.amax(1))
+            chunk_max = logits.amax(1)
+            new_max = chunk_max if running_max is None else torch.maximum(running_max, chunk_max)
             shift = new_max.clamp_min(lowest)  # all -inf so far (zero weights): keep finite
-            rescale = torch.exp(running_max - shift)
             probs = logits.sub_(shift[:, None]).clamp_min_(guard).exp_()
-            total = torch.addcmul(probs.sum(1), total, rescale)
-            if need_mean:
-                weighted = torch.addmm(weighted * rescale[:, None], probs, self.patterns[start:end])
+            y = self.patterns[start:end]
+            if running_max is None:  # first chunk: nothing to rescale (saves passes when N fits one chunk)
+                total = probs.sum(1)
+                weighted = probs @ y if need_mean else None
+            else:
+                rescale = torch.exp(running_max - shift)
+                total = torch.addcmul(probs.sum(1), total, rescale)
+                if need_mean:
+                    weighted = torch.addmm(weighted * rescale[:, None], probs, y)
             running_max = new_max
         shift = running_max.clamp_min(lowest)
         quad = (x**2).sum(-1) / (2.0 * sigma2)
@@ -613,7 +617,7 @@ class EmpiricalEnergy(Energy):
         :returns: ``[*n, *t.shape, d]``.
         """
         shape = sample_shape_of(n)
-        t = self.schedule.as_time(t).to(dtype=self.dtype, device=self.device)
+        t = self._time(t)
         total = shape.numel() * t.numel()
         index = torch.multinomial(self.weights, max(total, 1), replacement=True, generator=generator)[:total]
         out_shape = (*shape, *t.shape, self.dim)
@@ -630,7 +634,7 @@ class EmpiricalEnergy(Energy):
         :math:`x_f = \alpha y_{i,f} + \sigma\varepsilon`.
         """
         value = value.to(self.dtype)
-        t = self.schedule.as_time(t).to(dtype=self.dtype, device=self.device)
+        t = self._time(t)
         alpha, sigma2 = self._coefficients(t)
         batch = torch.broadcast_shapes(t.shape, value.shape[:-1])
         y_obs, y_free = self.patterns[:, mask], self.patterns[:, ~mask]

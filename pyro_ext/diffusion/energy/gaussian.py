@@ -204,7 +204,7 @@ class GaussianEnergy(Energy):
 
         A :class:`~torch.distributions.LowRankMultivariateNormal` for a low-rank :math:`\Sigma`.
         """
-        t = self.schedule.as_time(t).to(self.dtype)
+        t = self._time(t)
         if t.dim() != 0:
             raise ValueError(f"t must be a scalar for marginal(); got shape {tuple(t.shape)}")
         alpha, sigma2 = self._coefficients(t)
@@ -226,7 +226,7 @@ class GaussianEnergy(Energy):
     ) -> Tensor:
         """Exact samples, ``[*n, *t.shape, d]``: :math:`x_0 \\sim \\mathcal N(\\mu, \\Sigma)`, then noise."""
         shape = sample_shape_of(n)
-        t = self.schedule.as_time(t).to(dtype=self.dtype, device=self.device)
+        t = self._time(t)
         out = (*shape, *t.shape)
         options = {"dtype": self.dtype, "device": self.device, "generator": generator}
         x0 = self.mean + (
@@ -240,7 +240,7 @@ class GaussianEnergy(Energy):
     def _conditional_sample(
         self, mask: Tensor, value: Tensor, n: torch.Size, t: TimeLike, generator: torch.Generator | None
     ) -> Tensor:
-        t = self.schedule.as_time(t).to(dtype=self.dtype, device=self.device)
+        t = self._time(t)
         alpha = self.schedule.alpha(t)[..., None]
         _, cond_mean, cond_cov = _condition_gaussian(
             alpha * self.mean, self._marginal_cov(t), mask, value.to(self.dtype)
@@ -407,7 +407,7 @@ class GaussianMixtureEnergy(Energy):
     ) -> Tensor:
         """Exact samples, ``[*n, *t.shape, d]``."""
         shape = sample_shape_of(n)
-        t = self.schedule.as_time(t).to(dtype=self.dtype, device=self.device)
+        t = self._time(t)
         out = (*shape, *t.shape)
         total = math.prod(out)
         options = {"dtype": self.dtype, "device": self.device, "generator": generator}
@@ -423,7 +423,7 @@ class GaussianMixtureEnergy(Energy):
     def _conditional_sample(
         self, mask: Tensor, value: Tensor, n: torch.Size, t: TimeLike, generator: torch.Generator | None
     ) -> Tensor:
-        t = self.schedule.as_time(t).to(dtype=self.dtype, device=self.device)
+        t = self._time(t)
         alpha, sigma2 = self._coefficients(t)
         alpha, sigma2 = alpha[..., None, None], sigma2[..., None, None]
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
