@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyro_ext.diffusion.schedules import Schedule
+
 __all__ = [
     "CRITERIA",
     "ManifoldDimension",
@@ -69,7 +71,7 @@ def _check_criterion(criterion: str) -> int:
     return CRITERIA[criterion]
 
 
-def schedule_kind(schedule: Any) -> str:
+def schedule_kind(schedule: Schedule) -> str:
     """``"vp"`` if :math:`\\alpha^2 + \\sigma^2 = 1`, ``"ve"`` if :math:`\\alpha = 1`, else ``"general"``.
 
     Decided numerically on 17 interior times, so that any schedule object with ``alpha`` and ``sigma`` is
@@ -111,7 +113,7 @@ def _top_eigenvalue(spectrum_or_stats: Any) -> float:
     return value
 
 
-def _time_of_log_snr(schedule: Any, log_snr: float, what: str) -> float:
+def _time_of_log_snr(schedule: Schedule, log_snr: float, what: str) -> float:
     t_min, t_max = _as_float(schedule.t_min), _as_float(schedule.t_max)
     lo, hi = _coef(schedule.log_snr, t_max), _coef(schedule.log_snr, t_min)
     if not lo <= log_snr <= hi:
@@ -128,7 +130,7 @@ def _time_of_log_snr(schedule: Any, log_snr: float, what: str) -> float:
     return _coef(schedule.t_of_log_snr, log_snr)
 
 
-def critical_time(spectrum_or_stats: Any, schedule: Any, criterion: str = "score") -> float:
+def critical_time(spectrum_or_stats: Any, schedule: Schedule, criterion: str = "score") -> float:
     r"""The time of the first symmetry breaking: where the central fixed point turns unstable.
 
     With :math:`\lambda = \lambda_{\max}(\Sigma)` the centre is unstable for :math:`t < t_c`, where
@@ -182,7 +184,7 @@ def critical_time(spectrum_or_stats: Any, schedule: Any, criterion: str = "score
     return _bisect_critical_time(schedule, lam, kappa, what)
 
 
-def _bisect_critical_time(schedule: Any, lam: float, kappa: int, what: str) -> float:
+def _bisect_critical_time(schedule: Schedule, lam: float, kappa: int, what: str) -> float:
     def margin(t: float) -> float:  # α²λ − σ² − κσ⁴ f/g²: > 0 where the centre is unstable
         alpha2, sigma2 = _coef(schedule.alpha, t) ** 2, _coef(schedule.sigma, t) ** 2
         return alpha2 * lam - sigma2 - kappa * sigma2**2 * _coef(schedule.f, t) / _coef(schedule.g2, t)
@@ -207,7 +209,7 @@ def _bisect_critical_time(schedule: Any, lam: float, kappa: int, what: str) -> f
 # ----------------------------------------------------------------------------------------------- fixed points
 
 
-def _resolve_schedule(model: Any, schedule: Any | None) -> Any:
+def _resolve_schedule(model: Any, schedule: Schedule | None) -> Schedule:
     schedule = getattr(model, "schedule", None) if schedule is None else schedule
     if schedule is None:
         raise TypeError("model has no .schedule attribute; pass schedule=...")
@@ -220,7 +222,7 @@ def fixed_point(
     t: float,
     criterion: str = "score",
     *,
-    schedule: Any | None = None,
+    schedule: Schedule | None = None,
     damping: float = 0.5,
     tol: float = 1e-12,
     max_iter: int = 10_000,
@@ -294,7 +296,7 @@ def order_parameter(
     *,
     direction: Tensor | None = None,
     center: Tensor | None = None,
-    schedule: Any | None = None,
+    schedule: Schedule | None = None,
     **kwargs: Any,
 ) -> float:
     r"""The order parameter of the first symmetry breaking: the stable fixed point's offset from the centre.
@@ -548,7 +550,7 @@ def spectrum_over_time(
     x0: Tensor,
     times: Sequence[float] | Tensor,
     *,
-    schedule: Any | None = None,
+    schedule: Schedule | None = None,
     kind: str = "eig",
     method: str = "auto",
     generator: torch.Generator | None = None,
@@ -577,7 +579,7 @@ def spectrum_over_time(
     return torch.stack(rows)
 
 
-def phase_boundaries(spectrum: Tensor | Sequence[float], schedule: Any) -> tuple[float, float]:
+def phase_boundaries(spectrum: Tensor | Sequence[float], schedule: Schedule) -> tuple[float, float]:
     r"""The trivial / coverage and coverage / consolidation boundary times of the linear-manifold model.
 
     For data on a linear manifold with covariance eigenvalues λ (the tangent ones), a tangent

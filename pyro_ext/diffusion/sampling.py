@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pyro_ext.diffusion.geometry import critical_time
+from pyro_ext.diffusion.schedules import Schedule
 
 __all__ = [
     "METHODS",
@@ -55,7 +56,7 @@ def _coef(fn: Callable[[Tensor], Any], t: float) -> float:
     return _as_float(fn(torch.tensor(t, dtype=torch.float64)))
 
 
-def _resolve_schedule(model: Any, schedule: Any | None) -> Any:
+def _resolve_schedule(model: Any, schedule: Schedule | None) -> Schedule:
     if schedule is None:
         schedule = getattr(model, "schedule", None)
     if schedule is None:
@@ -82,11 +83,11 @@ def _resolve_score(model: Any) -> Callable[[Tensor, float], Tensor]:
     )
 
 
-def _schedule_range(schedule: Any) -> tuple[float, float]:
+def _schedule_range(schedule: Schedule) -> tuple[float, float]:
     return _as_float(schedule.t_min), _as_float(schedule.t_max)
 
 
-def _validate_times(times: Tensor | Sequence[float], schedule: Any) -> list[float]:
+def _validate_times(times: Tensor | Sequence[float], schedule: Schedule) -> list[float]:
     """The grid as Python floats (float64) after checking shape, order and range."""
     try:
         grid = torch.as_tensor(times, dtype=torch.float64, device="cpu")
@@ -158,7 +159,7 @@ class _ScoreEvaluator:
 def _step(
     method: str,
     score: _ScoreEvaluator,
-    schedule: Any,
+    schedule: Schedule,
     x: Tensor,
     t: float,
     t_next: float,
@@ -206,7 +207,7 @@ def sample(
     times: Tensor | Sequence[float],
     method: str = "euler_maruyama",
     *,
-    schedule: Any | None = None,
+    schedule: Schedule | None = None,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
@@ -299,7 +300,7 @@ def sample(
 # ----------------------------------------------------------------------------------------------- grids
 
 
-def _ddpm_steps(schedule: Any, num_train_steps: int | None) -> int:
+def _ddpm_steps(schedule: Schedule, num_train_steps: int | None) -> int:
     if num_train_steps is None:
         for name in ("K", "num_steps", "num_timesteps"):
             value = getattr(schedule, name, None)
@@ -312,7 +313,7 @@ def _ddpm_steps(schedule: Any, num_train_steps: int | None) -> int:
 
 
 def time_grid(
-    schedule: Any,
+    schedule: Schedule,
     n: int,
     t_start: float | None = None,
     spacing: str = "uniform",
@@ -506,7 +507,7 @@ def fit_gaussian(data: Tensor, rank: int | None = None) -> GaussianStats:
 
 
 def late_start_distribution(
-    stats: GaussianStats, schedule: Any, t_start: float
+    stats: GaussianStats, schedule: Schedule, t_start: float
 ) -> dist.MultivariateNormal | dist.LowRankMultivariateNormal:
     r"""The Gaussian approximation of the noisy data at ``t_start``.
 
@@ -575,7 +576,7 @@ def gaussian_late_start(
     *,
     mean: Tensor | None = None,
     cov: Tensor | None = None,
-    schedule: Any,
+    schedule: Schedule,
     t_start: float | None = None,
     num_samples: int,
     rank: int | None = None,
