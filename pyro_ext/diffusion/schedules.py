@@ -456,7 +456,7 @@ class VEGeometric(Schedule):
 
     Example::
 
-        >>> float(VEGeometric().sigma(1.0))
+        >>> round(float(VEGeometric().sigma(1.0)), 3)
         50.0
 
     References: Song et al., arXiv:2011.13456.
