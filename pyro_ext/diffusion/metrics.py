@@ -45,7 +45,7 @@ def energy_distance(x: Tensor, y: Tensor, *, unbiased: bool = False, chunk_size:
     :param Tensor y: samples of shape ``[m, d]``.
     :param bool unbiased: U-statistics for the within-sample terms.
     :param int chunk_size: rows per distance block (memory is ``chunk_size × max(n, m)``).
-    :returns: a 0-d tensor.
+    :returns: a 0-d float64 tensor.
 
     Example::
 
@@ -58,7 +58,9 @@ def energy_distance(x: Tensor, y: Tensor, *, unbiased: bool = False, chunk_size:
     _check_pair(x, y)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}")
-    y = y.to(x)
+    # float64 whatever the inputs: cdist's matmul route loses ~1e-7·|x|² to cancellation in float32, which
+    # is not small against the distances between close points that the floor is made of
+    x, y = x.to(torch.float64), y.to(device=x.device, dtype=torch.float64)
     cross = _mean_distance(x, y, chunk_size, exclude_diagonal=False)
     within_x = _mean_distance(x, x, chunk_size, exclude_diagonal=unbiased)
     within_y = _mean_distance(y, y, chunk_size, exclude_diagonal=unbiased)

@@ -26,6 +26,15 @@ def test_energy_distance_matches_the_definition_and_chunking(unbiased):
     torch.testing.assert_close(energy_distance(y, x, unbiased=unbiased), expected)  # symmetric
 
 
+def test_energy_distance_is_computed_in_float64():
+    x, y = torch.randn(300, 2), torch.randn(300, 2) + 0.1
+    distance = energy_distance(x.float(), y.float())
+    assert distance.dtype == torch.float64
+    torch.testing.assert_close(
+        distance, energy_distance(x.float().double(), y.float().double()), rtol=0, atol=0
+    )
+
+
 def test_energy_distance_separates_distributions():
     g = torch.Generator().manual_seed(0)
     x, same, shifted = (torch.randn(2000, 2, generator=g) for _ in range(3))
