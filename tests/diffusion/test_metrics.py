@@ -50,9 +50,10 @@ def test_sliced_wasserstein_in_one_dimension_is_the_sorted_w2():
     x, y = torch.randn(300, 1), torch.randn(300, 1) * 2 + 1
     expected = (x.sort(0).values - y.sort(0).values).pow(2).mean().sqrt()
     torch.testing.assert_close(sliced_wasserstein(x, y, num_projections=3), expected)
-    # a shift by v moves every projection by θ·v: SW² = E(θ·v)² = |v|²/d (+ sampling noise)
+    # a shift by v moves every sorted projection by exactly θ·v, so SW² is the mean of (θ·v)² over the
+    # directions, E = |v|²/d; (θ·v)² has relative sd 1 in d = 4, so 2000 directions give SW a 1.1 % sd
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(4000, 4, generator=g)
+    base = torch.randn(300, 4, generator=g)
     shift = torch.tensor([2.0, 0.0, 0.0, 0.0])
     sw = float(sliced_wasserstein(base, base + shift, num_projections=2000, generator=g))
     assert sw == pytest.approx(2.0 / 2.0, rel=0.05)
