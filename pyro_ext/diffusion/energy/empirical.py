@@ -53,6 +53,7 @@ class _Stats:
     top_logit: Tensor | None  # [B, k] their direct logits (recomputed directly in refined rows)
     total: Tensor  # streamed sum of exp(expanded logit - max_logit)
     weighted: Tensor | None  # streamed sum of exp(expanded logit - max_logit) * y_i
+    probs: Tensor | None = None  # [B, N] exp(expanded logit - max_logit) when all patterns fit one chunk
 
 
 def _support_threshold(dtype: torch.dtype) -> float:
@@ -62,6 +63,16 @@ def _support_threshold(dtype: torch.dtype) -> float:
 def _triu_indices(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
     rows, cols = torch.triu_indices(d, d, device=device)
     return rows, cols
+
+
+def _packed_positions(d: int, device: torch.device) -> Tensor:
+    """For each entry (i, j) of a d x d matrix, row-major, its index in the packed upper triangle."""
+    rows, cols = _triu_indices(d, device)
+    positions = torch.empty(d, d, dtype=torch.long, device=device)
+    index = torch.arange(rows.numel(), device=device)
+    positions[rows, cols] = index
+    positions[cols, rows] = index
+    return positions.flatten()
 
 
 class EmpiricalEnergy(Energy):
@@ -204,7 +215,14 @@ class EmpiricalEnergy(Energy):
         return self.log_weights[start:end] + a * (x @ y.T) - c * self.squared_norms[start:end]
 
     def _stream(
-        self, x: Tensor, alpha: Tensor, sigma2: Tensor, scalar: bool, need_mean: bool, topk: int
+        self,
+        x: Tensor,
+        alpha: Tensor,
+        sigma2: Tensor,
+        scalar: bool,
+        need_mean: bool,
+        topk: int,
+        keep_probs: bool = False,
     ) -> _Stats:
         """Streamed logsumexp, mean and top-k over all patterns for rows ``x`` ``[B, d]`` (no autograd)."""
         rows, dtype = x.shape[0], x.dtype
@@ -248,6 +266,7 @@ class EmpiricalEnergy(Energy):
             top_logit=None if top_val is None else top_val - quad[:, None],
             total=total,
             weighted=weighted,
+            probs=probs if keep_probs and probs.shape[1] == self.num_patterns else None,
         )
         return stats
 
@@ -298,7 +317,7 @@ class EmpiricalEnergy(Energy):
             stats.mean[rows] = new_weighted / new_total[:, None]
 
     def _evaluate(
-        self, x: Tensor, t: Tensor, *, need_mean: bool, topk: int = 0
+        self, x: Tensor, t: Tensor, *, need_mean: bool, topk: int = 0, keep_probs: bool = False
     ) -> tuple[_Stats, Tensor, Tensor]:
         """Streamed statistics of flattened rows ``x [B, d]`` at times ``t [B]``, with refinement."""
         scalar = t.dim() == 0
@@ -311,7 +330,7 @@ class EmpiricalEnergy(Energy):
         parts = []
         for rows in self._row_blocks(x.shape[0]):
             a_b, s_b = (alpha, sigma2) if scalar else (alpha[rows], sigma2[rows])
-            parts.append(self._stream(x[rows], a_b, s_b, scalar, need_mean or any_refine, k))
+            parts.append(self._stream(x[rows], a_b, s_b, scalar, need_mean or any_refine, k, keep_probs))
         if len(parts) == 1:
             stats = parts[0]
         else:
@@ -325,6 +344,7 @@ class EmpiricalEnergy(Energy):
             )
         if any_refine:
             self._refine(x, alpha_rows, sigma2_rows, stats, refine)
+            stats.probs = None  # the streamed top probabilities were replaced
         return stats, alpha_rows, sigma2_rows
 
     def _evaluate_pure(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -506,20 +526,70 @@ class EmpiricalEnergy(Energy):
     ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
         """Posterior covariances ``[B, d, d]`` (or the structured factor ``Z``) of flattened rows."""
         d, rows_n = self.dim, flat.shape[0]
-        stats, alpha, sigma2 = self._evaluate(flat, flat_t, need_mean=True)
+        stats, alpha, sigma2 = self._evaluate(flat, flat_t, need_mean=True, keep_probs=True)
         mean = stats.mean
-        keep = min(self.num_patterns, SPARSE_SUPPORT_MAX + 1)
         threshold = _support_threshold(flat.dtype)
-        # Pass 2: support sizes and the top weights (with indices) per row.
+        keep = min(self.num_patterns, SPARSE_SUPPORT_MAX + 1)
+        if stats.probs is not None:
+            # All patterns in one chunk and nothing refined: the stream's probabilities (max 1 per row)
+            # are the unnormalised weights, so no second pass over the patterns is needed.
+            counts = (stats.probs > threshold).sum(1)
+            weights = stats.probs.div_(stats.total[:, None])
+            cached, top_w, top_i = [weights], None, None
+        else:
+            counts, top_w, top_i = self._support_stream(flat, flat_t, stats, alpha, sigma2, route, keep)
+            cached = []
+        if route == "sparse":
+            sparse = torch.ones(rows_n, dtype=torch.bool, device=flat.device)
+            if top_w is not None and int(counts.max()) > top_w.shape[1]:  # more support than kept
+                return self._covariance_with_keep(flat, flat_t, int(counts.max()), structured)
+        elif route == "dense":
+            sparse = torch.zeros(rows_n, dtype=torch.bool, device=flat.device)
+        else:
+            sparse = counts <= SPARSE_SUPPORT_MAX
+        any_sparse = bool(sparse.any())
+        k_sparse = int(counts[sparse].max()) if any_sparse else 0
+        if any_sparse:
+            if top_w is None:
+                top_w, top_i = cached[0][sparse].topk(k_sparse, dim=1)
+            else:
+                top_w, top_i = top_w[sparse, :k_sparse], top_i[sparse, :k_sparse]
+            z = self._support_factor(mean[sparse], top_w, top_i, counts[sparse])
+            if structured and bool(sparse.all()) and k_sparse <= d:
+                return None, z * (alpha / sigma2)[:, None, None], alpha, sigma2
+        dense = ~sparse
+        if not any_sparse:
+            cov = self._dense_covariance(flat, flat_t, stats, alpha, sigma2, None, cached)
+        else:
+            cov = torch.empty(rows_n, d, d, dtype=flat.dtype, device=flat.device)
+            cov[sparse] = z.transpose(-1, -2) @ z
+            if bool(dense.any()):
+                cov[dense] = self._dense_covariance(flat, flat_t, stats, alpha, sigma2, dense, cached)
+        if not structured:
+            return cov, None, alpha, sigma2
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        z = eigenvalues.clamp_min(0.0).sqrt()[:, :, None] * eigenvectors.transpose(-1, -2)
+        return None, z * (alpha / sigma2)[:, None, None], alpha, sigma2
+
+    def _support_stream(
+        self,
+        flat: Tensor,
+        flat_t: Tensor,
+        stats: _Stats,
+        alpha: Tensor,
+        sigma2: Tensor,
+        route: str,
+        keep: int,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Second streamed pass: support sizes and (unless dense) the ``keep`` top weights with indices."""
+        threshold = _support_threshold(flat.dtype)
         max_weight = torch.exp(stats.max_logit - stats.quad - stats.lse)
         if stats.top_logit is not None:  # refined rows: their top weight was recomputed
             max_weight = torch.maximum(max_weight, torch.exp(stats.top_logit[:, 0] - stats.lse))
-        counts = torch.zeros(rows_n, dtype=torch.long, device=flat.device)
+        counts = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
         top_w = top_i = None
-        cached = []
-        single_chunk = len(list(self._chunks(rows_n))) == 1
         for (start, end), weights in zip(
-            self._chunks(rows_n), self._weight_chunks(flat, flat_t, stats, alpha, sigma2)
+            self._chunks(flat.shape[0]), self._weight_chunks(flat, flat_t, stats, alpha, sigma2)
         ):
             counts += (weights > threshold * max_weight[:, None]).sum(1)
             if route != "dense":
@@ -530,35 +600,7 @@ class EmpiricalEnergy(Energy):
                     val, pos = torch.cat([top_w, val], 1).topk(min(keep, top_w.shape[1] + k), dim=1)
                     idx = torch.cat([top_i, idx], 1).gather(1, pos)
                 top_w, top_i = val, idx
-            if single_chunk:
-                cached.append(weights)
-        if route == "sparse":
-            sparse = torch.ones(rows_n, dtype=torch.bool, device=flat.device)
-            k_max = int(counts.max())
-            if k_max > top_w.shape[1]:  # more support than kept: keep more (exact, just slower)
-                return self._covariance_with_keep(flat, flat_t, k_max, structured)
-        elif route == "dense":
-            sparse = torch.zeros(rows_n, dtype=torch.bool, device=flat.device)
-        else:
-            sparse = counts <= SPARSE_SUPPORT_MAX
-        k_sparse = int(counts[sparse].max()) if bool(sparse.any()) else 0
-        if structured and bool(sparse.all()) and k_sparse <= d:
-            z = self._support_factor(mean, top_w[:, :k_sparse], top_i[:, :k_sparse], counts)
-            return None, z * (alpha / sigma2)[:, None, None], alpha, sigma2
-        cov = torch.empty(rows_n, d, d, dtype=flat.dtype, device=flat.device)
-        if bool(sparse.any()):
-            z = self._support_factor(
-                mean[sparse], top_w[sparse, :k_sparse], top_i[sparse, :k_sparse], counts[sparse]
-            )
-            cov[sparse] = z.transpose(-1, -2) @ z
-        dense = ~sparse
-        if bool(dense.any()):
-            cov[dense] = self._dense_covariance(flat, flat_t, stats, alpha, sigma2, dense, cached)
-        if not structured:
-            return cov, None, alpha, sigma2
-        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
-        z = eigenvalues.clamp_min(0.0).sqrt()[:, :, None] * eigenvectors.transpose(-1, -2)
-        return None, z * (alpha / sigma2)[:, None, None], alpha, sigma2
+        return counts, top_w, top_i
 
     def _covariance_with_keep(
         self, flat: Tensor, flat_t: Tensor, keep: int, structured: bool
@@ -588,7 +630,7 @@ class EmpiricalEnergy(Energy):
         stats: _Stats,
         alpha: Tensor,
         sigma2: Tensor,
-        rows: Tensor,
+        rows: Tensor | None,
         cached: list[Tensor],
     ) -> Tensor:
         """:math:`S_2 - m m^T` by the GEMM with the packed outer products, for the selected rows."""
@@ -596,13 +638,10 @@ class EmpiricalEnergy(Energy):
         second = None
         chunks = cached if cached else self._weight_chunks(flat, flat_t, stats, alpha, sigma2)
         for (start, end), weights in zip(self._chunks(flat.shape[0]), chunks):
-            part = weights[rows] @ self._packed(start, end)
+            part = (weights if rows is None else weights[rows]) @ self._packed(start, end)
             second = part if second is None else second + part
-        tri_rows, tri_cols = _triu_indices(d, flat.device)
-        full = torch.empty(second.shape[0], d, d, dtype=flat.dtype, device=flat.device)
-        full[:, tri_rows, tri_cols] = second
-        full[:, tri_cols, tri_rows] = second
-        mean = stats.mean[rows]
+        full = second.index_select(1, _packed_positions(d, flat.device)).view(-1, d, d)
+        mean = stats.mean if rows is None else stats.mean[rows]
         return full - mean[:, :, None] * mean[:, None, :]
 
     # ----------------------------------------------------------------------------------- sampling
