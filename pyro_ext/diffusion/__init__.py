@@ -29,7 +29,16 @@ from pyro_ext.diffusion.geometry import (
     spectral_gaps,
     spectrum_over_time,
 )
-from pyro_ext.diffusion.hopfield import diffusion_bias, hopfield_energy, hopfield_update, retrieve_hopfield
+from pyro_ext.diffusion.hopfield import (
+    CapacityTable,
+    capacity,
+    capacity_experiment,
+    diffusion_bias,
+    hopfield_energy,
+    hopfield_update,
+    retrieve_diffusion,
+    retrieve_hopfield,
+)
 from pyro_ext.diffusion.metrics import energy_distance, sliced_wasserstein
 from pyro_ext.diffusion.sampling import (
     GaussianStats,
@@ -54,6 +63,7 @@ from pyro_ext.diffusion.schedules import (
 from pyro_ext.diffusion.training import FourierTime, MLPScore, train_dsm
 
 __all__ = [
+    "CapacityTable",
     "ConditionedEnergy",
     "Cosine",
     "DDPM",
@@ -71,6 +81,8 @@ __all__ = [
     "VEGeometric",
     "VEVariance",
     "VPLinear",
+    "capacity",
+    "capacity_experiment",
     "convert",
     "critical_time",
     "ddpm_index_to_t",
@@ -89,6 +101,7 @@ __all__ = [
     "order_parameter",
     "phase_boundaries",
     "potential_fn",
+    "retrieve_diffusion",
     "retrieve_hopfield",
     "sample",
     "score_jacobian",

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from pyro_ext.diffusion import EmpiricalEnergy, VEVariance, VPLinear
-from pyro_ext.diffusion.hopfield import diffusion_bias, hopfield_energy, hopfield_update, retrieve_hopfield
+from pyro_ext.diffusion.hopfield import (
+    capacity,
+    capacity_experiment,
+    diffusion_bias,
+    hopfield_energy,
+    hopfield_update,
+    retrieve_diffusion,
+    retrieve_hopfield,
+)
 
 
 def rademacher(n, d):
@@ -79,3 +87,74 @@ def test_hopfield_bad_inputs():
         retrieve_hopfield(patterns[0], patterns, 1.0, max_steps=0)
     single = hopfield_update(patterns[0].float(), patterns.float(), 1.0)
     assert single.dtype == torch.float32
+
+
+def test_retrieve_diffusion_with_the_exact_energy():
+    patterns = rademacher(16, 32)
+    energy = EmpiricalEnergy(patterns, VEVariance())
+    flips = torch.ones(32)
+    flips[:6] = -1
+    cue = patterns[:4] * flips
+    times = (0.8 * torch.logspace(0, -3, 20)).tolist()
+    assert torch.equal(retrieve_diffusion(cue, energy, 0.8, times).sign(), patterns[:4])
+    # a one-point grid is one Tweedie step = one Hopfield update at beta = 1 / sigma^2 (check 10's identity)
+    torch.testing.assert_close(
+        retrieve_diffusion(cue, energy, 0.8, [0.8]),
+        hopfield_update(cue, patterns, 1 / 0.8),
+        rtol=0,
+        atol=1e-12,
+    )
+    with pytest.raises(ValueError, match="times must start at t0"):
+        retrieve_diffusion(cue, energy, 0.8, [0.5, 0.1])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        retrieve_diffusion(cue, energy, 0.8, [0.8, 0.9])
+
+
+def check_capacity_table(table, dims):
+    """Check 10's conditions on a capacity table."""
+    for d in dims:
+        for method in ("diffusion", "hopfield"):
+            rates, errors = table.success[method][d], table.stderr(method, d)
+            for i in range(1, len(rates)):
+                # success never rises with N by more than 3 standard errors
+                assert rates[i] <= rates[i - 1] + 3 * max(errors[i], errors[i - 1], 1 / table.trials)
+        for a, b in zip(table.success["diffusion"][d], table.success["hopfield"][d]):
+            assert abs(a - b) <= 0.03  # diffusion and iterated Hopfield differ by <= 0.03 at every N
+        # single-step diffusion and Hopfield are identical trial by trial (the identity of section 2.3)
+        for a, b in zip(table.correct["diffusion_1step"][d], table.correct["hopfield_1step"][d]):
+            assert torch.equal(a, b)
+    n_c = capacity(table)
+    assert n_c["diffusion"] == n_c["hopfield"]
+    return n_c
+
+
+def test_capacity_experiment_small():
+    table = capacity_experiment(
+        [16], [4, 16, 64], trials=100, generator=torch.Generator().manual_seed(0), progress=False
+    )
+    n_c = check_capacity_table(table, [16])
+    assert n_c["diffusion"][16] in (4, 16)
+    assert table.success["diffusion"][16][-1] < 0.9  # 64 patterns in 16 dimensions are past capacity
+
+
+@pytest.mark.slow
+def test_capacity_grows_with_dimension():
+    """Check 10: d in {16, 24, 32}, N on a log2 grid, 300 trials each."""
+    dims = [16, 24, 32]
+    grid = [2**k for k in range(1, 11)]
+    table = capacity_experiment(
+        dims, grid, trials=300, generator=torch.Generator().manual_seed(0), progress=False
+    )
+    n_c = check_capacity_table(table, dims)
+    print("check 10: N_c =", n_c)
+    assert n_c["diffusion"][16] < n_c["diffusion"][24] < n_c["diffusion"][32]
+
+
+def test_capacity_bad_arguments():
+    with pytest.raises(ValueError, match="rho must lie"):
+        capacity_experiment([8], [2], rho=0.6, progress=False)
+    with pytest.raises(ValueError, match="trials must be"):
+        capacity_experiment([8], [2], trials=0, progress=False)
+    table = capacity_experiment([8], [2], trials=5, progress=False)
+    with pytest.raises(ValueError, match="threshold"):
+        capacity(table, threshold=0.0)
