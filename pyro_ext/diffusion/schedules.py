@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from pyro_ext.diffusion._validation import times_checked, under_functorch
+from pyro_ext.diffusion._validation import checked_times, times_checked, under_functorch
 
 __all__ = [
     "DDPM",
@@ -542,10 +542,15 @@ class VEVariance(Schedule):
 
 
 # ------------------------------------------------------------------------------------ parametrisations
-def broadcast_time(schedule: Schedule, x: Tensor, t: TimeLike, *, name: str = "t") -> tuple[Tensor, Tensor]:
-    """Range-check ``t`` and broadcast it against ``x.shape[:-1]``; returns ``(x, t)`` with one batch shape.
+def broadcast_time(
+    schedule: Schedule, x: Tensor, t: TimeLike, *, name: str = "t", expand: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Range-check ``t`` and broadcast it against ``x.shape[:-1]``; returns ``(x, t)``.
 
-    ``t`` takes ``x``'s dtype and device. Both are expanded (not copied) to the common batch shape.
+    ``t`` takes ``x``'s dtype and device, and ``x`` is expanded (not copied) to the common batch shape.
+    ``t`` keeps its own shape (it broadcasts against the batch), so that schedule coefficients of a scalar
+    time are computed once rather than once per sample; ``expand=True`` expands it to the batch shape too
+    (what a network taking one time per sample needs).
     """
     t = schedule.as_time(t, name=name, dtype=x.dtype, device=x.device)
     t = t.to(dtype=x.dtype, device=x.device)
@@ -557,7 +562,7 @@ def broadcast_time(schedule: Schedule, x: Tensor, t: TimeLike, *, name: str = "t
             f"{tuple(x.shape[:-1])} of x (shape {tuple(x.shape)}); pass a float, a tensor of shape "
             "x.shape[:-1], or one that broadcasts against it"
         ) from None
-    return x.expand(*batch, x.shape[-1]), t.expand(batch)
+    return x.expand(*batch, x.shape[-1]), (t.expand(batch) if expand else t)
 
 
 def _nonzero(value: Tensor, what: str, src: str, dst: str, t: Tensor) -> Tensor:
@@ -606,7 +611,8 @@ def convert(out: Tensor, x: Tensor, t: TimeLike, schedule: Schedule, src: str, d
     if src == dst:
         return out
     x, t = broadcast_time(schedule, x, t)
-    alpha, sigma = schedule.alpha(t)[..., None], schedule.sigma(t)[..., None]
+    with checked_times():
+        alpha, sigma = schedule.alpha(t)[..., None], schedule.sigma(t)[..., None]
 
     def need_alpha() -> Tensor:
         return _nonzero(alpha, "alpha", src, dst, t[..., None].expand_as(alpha))
@@ -679,7 +685,7 @@ class ParametrisedScore(nn.Module):
         """The raw network output (in ``self.param``)."""
         if not isinstance(x, Tensor) or x.dim() == 0:
             raise TypeError(f"x must be a tensor of shape [..., d]; got {type(x).__name__}")
-        x, t = broadcast_time(self.schedule, x, t)
+        x, t = broadcast_time(self.schedule, x, t, expand=True)
         out = self.net(x, t)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             raise ValueError(

@@ -289,6 +289,11 @@ def test_gaussian_energy_is_exact(low_rank):
         + alpha[:, None] * (cov @ torch.linalg.solve(c_t, (x - alpha[:, None] * mean)[..., None]))[..., 0]
     )
     torch.testing.assert_close(energy.denoise(x, t), expected_x0, rtol=1e-11, atol=1e-11)
+    # a scalar t takes the fused single-GEMM path: same as the per-sample path
+    torch.testing.assert_close(
+        energy.score(x, 0.4), energy.score(x, torch.full((3,), 0.4)), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(energy.score(x[1], 0.4), -grad[1], rtol=1e-11, atol=1e-11)
     marginal = energy.marginal(0.4)
     torch.testing.assert_close(marginal.covariance_matrix, c_t[1], rtol=1e-12, atol=1e-12)
     samples = energy.sample(20000, 0.4, generator=torch.Generator().manual_seed(0))

@@ -74,12 +74,17 @@ class Energy(nn.Module):
         """The device of the energy's buffers."""
         return self._dtype_anchor.device
 
+    #: whether :meth:`_prepare` expands ``t`` to the batch shape (networks need one time per sample;
+    #: closed forms compute the schedule once for a scalar ``t``)
+    _expand_time: bool = False
+
     def _prepare(self, x: Tensor, t: TimeLike, name: str = "x") -> tuple[Tensor, Tensor]:
-        """Check ``x``, move it to the energy's dtype, range-check ``t`` and broadcast both."""
+        """Check ``x``, move it to the energy's dtype, range-check ``t``; ``x`` is broadcast to the batch
+        shape, ``t`` keeps a shape that broadcasts against it (or is expanded, see ``_expand_time``)."""
         x = check_vector(x, self.dim, name)
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
-        return broadcast_time(self.schedule, x, t)
+        return broadcast_time(self.schedule, x, t, expand=self._expand_time)
 
     def _time(self, t: TimeLike) -> Tensor:
         """``t`` range-checked, as a tensor in the energy's dtype and on its device."""
@@ -132,7 +137,7 @@ class Energy(nn.Module):
         """
         x, t = self._prepare(x, t)
         batch = x.shape[:-1]
-        flat_x, flat_t = x.reshape(-1, self.dim), t.reshape(-1)
+        flat_x, flat_t = x.reshape(-1, self.dim), t.expand(batch).reshape(-1)
 
         def single(xi: Tensor, ti: Tensor) -> Tensor:
             return self.score(xi, ti)

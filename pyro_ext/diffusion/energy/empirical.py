@@ -367,10 +367,9 @@ class EmpiricalEnergy(Energy):
 
     # --------------------------------------------------------------------------------- public API
     def _flat(self, x: Tensor, t: TimeLike) -> tuple[Tensor, Tensor, Tensor, torch.Size]:
-        scalar_t = not isinstance(t, Tensor) or t.numel() == 1
-        x, t_b = self._prepare(x, t)
+        x, t = self._prepare(x, t)
         batch = x.shape[:-1]
-        flat_t = t_b.reshape(-1)[:1].reshape(()) if scalar_t and t_b.numel() else t_b.reshape(-1)
+        flat_t = t.reshape(()) if t.numel() == 1 else t.expand(batch).reshape(-1)
         return x, x.reshape(-1, self.dim), flat_t, batch
 
     def _log_normaliser(self, sigma2: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
 
-from pyro_ext.diffusion._validation import check_finite
+from pyro_ext.diffusion._validation import check_finite, under_functorch
 from pyro_ext.diffusion.energy.base import Energy, sample_shape_of
 from pyro_ext.diffusion.schedules import Schedule, TimeLike
 
@@ -146,14 +146,15 @@ class GaussianEnergy(Energy):
         cov = (v * self.eigenvalues) @ v.T
         return cov + self.noise * torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
 
-    def _parts(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``(alpha, z, perp, denom, c)``: the residual in the eigenbasis and its orthogonal complement."""
+    def _parts(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """``(alpha, z, perp, denom, c)``: the residual in the eigenbasis and its orthogonal complement
+        (``None`` for a full covariance)."""
         alpha, sigma2 = self._coefficients(t)
         alpha, sigma2 = alpha[..., None], sigma2[..., None]
         c = alpha**2 * self.noise + sigma2
         residual = x - alpha * self.mean
         z = residual @ self.eigenvectors
-        perp = torch.zeros_like(residual) if self.full_rank else residual - z @ self.eigenvectors.T
+        perp = None if self.full_rank else residual - z @ self.eigenvectors.T
         return alpha, z, perp, alpha**2 * self.eigenvalues + c, c
 
     def energy(self, x: Tensor, t: TimeLike) -> Tensor:
@@ -168,9 +169,28 @@ class GaussianEnergy(Energy):
             logdet = logdet + (self.dim - denom.shape[-1]) * torch.log(c[..., 0])
         return (0.5 * (quad + logdet + self.dim * math.log(2 * math.pi))).to(out_dtype)
 
+    def _precision(self, t: Tensor) -> Tensor:
+        """:math:`C_t^{-1}` (``[*t.shape, d, d]``) from the eigendecomposition."""
+        alpha, sigma2 = self._coefficients(t)
+        alpha, sigma2 = alpha[..., None], sigma2[..., None]
+        c = alpha**2 * self.noise + sigma2
+        v = self.eigenvectors
+        precision = torch.einsum("ir,...r,jr->...ij", v, 1.0 / (alpha**2 * self.eigenvalues + c), v)
+        if not self.full_rank:
+            projector = torch.eye(self.dim, dtype=v.dtype, device=v.device) - v @ v.T
+            precision = precision + projector / c[..., None]
+        return precision
+
     def score(self, x: Tensor, t: TimeLike) -> Tensor:
         out_dtype = x.dtype if isinstance(x, Tensor) else None
         x, t = self._prepare(x, t)
+        if t.dim() == 0 and not under_functorch(x, t):
+            # one time for all samples: s = -C^{-1}(x - alpha mu) is one fused GEMM with a d x d matrix
+            # (samplers call this hundreds of times on large batches)
+            precision = self._precision(t)
+            bias = -(self.schedule.alpha(t) * self.mean) @ precision
+            flat = torch.addmm(bias, x.reshape(-1, self.dim), precision, alpha=-1.0, beta=-1.0)
+            return flat.reshape(x.shape).to(out_dtype)
         _, z, perp, denom, c = self._parts(x, t)
         score = -(z / denom) @ self.eigenvectors.T
         if not self.full_rank:
@@ -191,13 +211,8 @@ class GaussianEnergy(Energy):
         r""":math:`-C_t^{-1}`, broadcast to ``[..., d, d]`` (it does not depend on ``x``)."""
         out_dtype = x.dtype if isinstance(x, Tensor) else None
         x, t = self._prepare(x, t)
-        _, _, _, denom, c = self._parts(x, t)
-        v = self.eigenvectors
-        jac = -torch.einsum("ir,...r,jr->...ij", v, 1.0 / denom, v)
-        if not self.full_rank:
-            projector = torch.eye(self.dim, dtype=v.dtype, device=v.device) - v @ v.T
-            jac = jac - projector / c[..., None]
-        return jac.to(out_dtype)
+        jac = -self._precision(t)
+        return jac.expand(*x.shape[:-1], self.dim, self.dim).to(out_dtype)
 
     def marginal(self, t: TimeLike) -> MultivariateNormal | LowRankMultivariateNormal:
         r"""The torch distribution :math:`\mathcal N(\alpha\mu, C_t)` at a scalar ``t``.

@@ -69,6 +69,7 @@ class ScoreNetEnergy(Energy):
     """
 
     exact = False
+    _expand_time = True  # the network takes one time per sample
 
     def __init__(
         self,
