@@ -22,7 +22,7 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
 from pyro_ext.diffusion.geometry import critical_time
 from pyro_ext.diffusion.schedules import Schedule

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
 from pyro_ext.diffusion.schedules import Schedule, convert
 
@@ -100,6 +100,20 @@ class MLPScore(nn.Module):
     - ``param="energy"``: the output ``[...]`` is a scalar energy :math:`E_\theta(x, t)`; the score is
       :math:`-\nabla_x E_\theta` and :math:`\hat\varepsilon = \sigma\nabla_x E_\theta`, so the score is
       conservative by construction and its Jacobian symmetric.
+    - ``envelope=True`` (energy only) adds a Gaussian envelope to the scalar,
+
+      .. math::
+
+          E_\theta(x, t) = g_\theta(x, t) + \tfrac12\,\mathrm{softplus}(a_\theta(t))\,\|x\|^2,
+
+      with :math:`a_\theta` a linear head on smooth time features, initialised to a precision of 1 (the
+      energy of :math:`\mathcal N(0, I)`). A SiLU network's output grows at most linearly in :math:`\|x\|`,
+      so its score is bounded and cannot pull back a sample that strays from the noisy data; every
+      :math:`-\log p_t` grows quadratically. Measured here (a design choice of this module, not from the
+      papers): on 64-D digits the envelope kept DDIM from pure noise on the data (without it the samples
+      drifted to pixel values of ±17) and cut the large-t ε error from 5e-3 to 1e-4 per coordinate; on the
+      2-D ring it made the small-t scores worse (DDIM-100 energy distance 0.047 against 0.006). Hence off
+      by default; use it in higher dimension, or start late.
 
     :param int d: data dimension.
     :param int hidden: width of the hidden layers.
@@ -107,6 +121,7 @@ class MLPScore(nn.Module):
     :param str param: ``"eps"``, ``"x0"``, ``"v"`` or ``"energy"``.
     :param time_embedding: a module mapping ``t [...]`` to ``[..., k]`` with attribute ``out_features``;
         ``FourierTime(16, scale=8)`` if omitted.
+    :param bool envelope: add the learned Gaussian envelope to an energy network.
 
     Example::
 
@@ -125,6 +140,8 @@ class MLPScore(nn.Module):
         depth: int = 3,
         param: str = "eps",
         time_embedding: nn.Module | None = None,
+        *,
+        envelope: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("d", d), ("hidden", hidden), ("depth", depth)):
@@ -132,6 +149,8 @@ class MLPScore(nn.Module):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if param not in MLP_PARAMS:
             raise ValueError(f"param must be one of {MLP_PARAMS}; got {param!r}")
+        if envelope and param != "energy":
+            raise ValueError(f"envelope=True is for param='energy' networks; got param={param!r}")
         self.d = d
         self.param = param
         self.time_embedding = FourierTime() if time_embedding is None else time_embedding
@@ -142,6 +161,15 @@ class MLPScore(nn.Module):
             width_in = hidden
         layers.append(nn.Linear(hidden, 1 if param == "energy" else d))
         self.net = nn.Sequential(*layers)
+        self.envelope_time: FourierTime | None = None
+        self.envelope: nn.Linear | None = None
+        if envelope:
+            # a smooth (low-frequency) function of t: the envelope's precision changes slowly with the noise
+            self.envelope_time = FourierTime(8, scale=1.0)
+            self.envelope = nn.Linear(self.envelope_time.out_features, 1)
+            with torch.no_grad():  # softplus(log(e - 1)) = 1: the N(0, I) energy at initialisation
+                self.envelope.weight.zero_()
+                self.envelope.bias.fill_(math.log(math.e - 1.0))
 
     def forward(self, x: Tensor, t: float | Tensor) -> Tensor:
         """The output: ``[..., d]`` for ``"eps"``/``"x0"``/``"v"``, ``[...]`` for ``"energy"``.
@@ -161,12 +189,17 @@ class MLPScore(nn.Module):
                 f"{tuple(x.shape[:-1])}"
             ) from None
         x = x.expand(*batch, self.d)
-        features = torch.cat([x, self.time_embedding(t.expand(batch))], dim=-1)
-        out = self.net(features)
-        return out.squeeze(-1) if self.param == "energy" else out
+        time_features = self.time_embedding(t.expand(batch))
+        out = self.net(torch.cat([x, time_features], dim=-1))
+        if self.param != "energy":
+            return out
+        if self.envelope is None:
+            return out.squeeze(-1)
+        precision = torch.nn.functional.softplus(self.envelope(self.envelope_time(t.expand(batch))))
+        return out.squeeze(-1) + 0.5 * precision.squeeze(-1) * x.pow(2).sum(-1)
 
     def extra_repr(self) -> str:
-        return f"d={self.d}, param={self.param!r}"
+        return f"d={self.d}, param={self.param!r}" + (", envelope=True" if self.envelope is not None else "")
 
 
 # ----------------------------------------------------------------------------------------------- training
