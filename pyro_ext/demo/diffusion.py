@@ -73,7 +73,7 @@ def run(context: DemoContext) -> None:
         completion = weights[0] @ digits  # E[x0 | top half] = sum_i P(i | top half) y_i, exactly
 
         # 3. an energy-parametrised MLP trained by denoising score matching, sampled with DDIM
-        train_steps = 60 if context.smoke else 1500
+        train_steps = 60 if context.smoke else 3000
         net = MLPScore(2, hidden=64, param="energy")
         train_dsm(net, train, schedule, steps=train_steps, generator=generator, progress=False)
         learned = ScoreNetEnergy(net, schedule, "energy")
