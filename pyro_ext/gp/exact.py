@@ -47,6 +47,7 @@ from gpytorch.module import Module
 from gpytorch.utils.memoize import cached, clear_cache_hook
 from linear_operator import to_linear_operator
 from linear_operator.operators import (
+    DenseLinearOperator,
     LinearOperator,
     MaskedLinearOperator,
     MatmulLinearOperator,
@@ -92,6 +93,36 @@ def _constant_root(reference: Tensor | LinearOperator, shift: Tensor) -> Tensor:
 def _with_level_shift(covariance: LinearOperator, shift: Tensor) -> LinearOperator:
     """covariance + shift 1 1^T, kept lazy (a rank-one root)."""
     return SumLinearOperator(covariance, RootLinearOperator(_constant_root(covariance, shift)))
+
+
+def _dense_plus_low_rank(dense: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``dense + left @ right`` with one allocation and one pass over the result (addmm in 2-D).
+
+    The representative's low-rank term (rank 1 or 2) costs what one elementwise pass does, instead of a
+    product, a sum and their allocations (on a CPU every fresh block-sized tensor costs page faults).
+    """
+    if dense.dim() == 2 and left.dim() == 2 and right.dim() == 2:
+        return torch.addmm(dense, left, right)
+    return dense + left @ right
+
+
+def _to_dense(matrix: Tensor | LinearOperator) -> Tensor:
+    """``matrix.to_dense()``, folding a representative block ``Dense + Matmul(left, right)`` in one pass."""
+    if isinstance(matrix, Tensor):
+        return matrix
+    if isinstance(matrix, SumLinearOperator) and len(matrix.linear_ops) == 2:
+        dense, low_rank = matrix.linear_ops
+        if isinstance(dense, DenseLinearOperator) and isinstance(low_rank, MatmulLinearOperator):
+            left, right = low_rank.left_linear_op, low_rank.right_linear_op
+            if isinstance(left, DenseLinearOperator) and isinstance(right, DenseLinearOperator):
+                return _dense_plus_low_rank(dense.tensor, left.tensor, right.tensor)
+    return matrix.to_dense()
+
+
+def _uses_cholesky(covariance: LinearOperator) -> bool:
+    """Whether linear_operator solves with ``covariance`` by a Cholesky factor (as its ``solve`` decides)."""
+    size = covariance.size(-1)
+    return settings.fast_computations.solves.off() or size <= settings.max_cholesky_size.value()
 
 
 def _add_constant(matrix: Tensor | LinearOperator, shift: Tensor) -> Tensor | LinearOperator:
@@ -335,16 +366,25 @@ class ImproperPredictionStrategy(DefaultPredictionStrategy):
     @cached(name="improper_caches")
     def _improper_caches(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """w = K^-1 (y - mu), v = K^-1 1 (one two-column solve), a = 1^T v, beta = 1^T w / a."""
-        marginal = self.likelihood(self.train_prior_dist, self.train_inputs)
-        covariance = marginal.lazy_covariance_matrix.evaluate_kernel()
-        residual = self.train_labels - marginal.loc
+        residual = self.train_labels - self.likelihood(self.train_prior_dist, self.train_inputs).loc
         level_shift = getattr(self.train_prior_dist, "_level_shift", None)
-
         rhs = torch.stack([residual, torch.ones_like(residual)], dim=-1)
+        covariance = self.lik_train_train_covar
+        if _uses_cholesky(covariance):
+            # The factor is cached on lik_train_train_covar, where the covariance (ours, or LOVE's root)
+            # finds it: one Cholesky per training set instead of GPyTorch's two (mean cache, covariance).
+            def solve(matrix: LinearOperator) -> Tensor:
+                return torch.cholesky_solve(rhs, matrix.cholesky().to_dense())
+        else:
+            covariance = covariance.evaluate_kernel()  # once: a solve would rebuild a lazy kernel per call
+
+            def solve(matrix: LinearOperator) -> Tensor:
+                return matrix.solve(rhs)
+
         solution, extra = _solve_with_shift_retries(
             covariance,
             level_shift,
-            lambda matrix: matrix.solve(rhs),
+            solve,
             lambda solution: bool(torch.all(solution[..., 1].sum(-1) > 0) and torch.isfinite(solution).all()),
             "the training data",
         )
@@ -394,10 +434,28 @@ class ImproperPredictionStrategy(DefaultPredictionStrategy):
         return mean, (u / a.sqrt().unsqueeze(-1)).unsqueeze(-1)
 
     def _covariance(self, test_test_covar, test_train_covar, level_root: Tensor) -> LinearOperator:
-        covariance = DefaultPredictionStrategy.exact_predictive_covar(self, test_test_covar, test_train_covar)
+        gpytorch_covariance = DefaultPredictionStrategy.exact_predictive_covar
         if settings.skip_posterior_variances.on():
-            return covariance
+            return gpytorch_covariance(self, test_test_covar, test_train_covar)
+        if _uses_cholesky(self.lik_train_train_covar):
+            covariance = self._cholesky_predictive_covar(test_test_covar, test_train_covar)
+        else:
+            covariance = gpytorch_covariance(self, test_test_covar, test_train_covar)
         return SumLinearOperator(to_linear_operator(covariance), RootLinearOperator(level_root))
+
+    def _cholesky_predictive_covar(self, test_test_covar, test_train_covar) -> LinearOperator:
+        r"""GPyTorch's exact covariance :math:`K_{**} - K_{*X} K^{-1} K_{X*}` on the Cholesky path, as
+        :math:`K_{**} - V^\top V` with :math:`V = L^{-1} K_{X*}`: one triangular solve with the cached factor
+        (GPyTorch's dense path factorises again and solves twice; its LOVE path forms :math:`L^{-1}` and a
+        product). The result is exact either way, with or without ``fast_pred_var``.
+        """
+        factor = self.lik_train_train_covar.cholesky().to_dense()
+        if settings.detach_test_caches.on():  # as GPyTorch: gradients reach the test blocks only
+            factor = factor.detach()
+        root = torch.linalg.solve_triangular(factor, _to_dense(test_train_covar).mT, upper=False)
+        if isinstance(test_test_covar, Tensor):
+            return to_linear_operator(test_test_covar - root.mT @ root)
+        return test_test_covar + MatmulLinearOperator(root.mT, root.mul(-1))
 
     def exact_prediction(
         self,
@@ -407,8 +465,10 @@ class ImproperPredictionStrategy(DefaultPredictionStrategy):
     ) -> tuple[Tensor, Tensor | LinearOperator]:
         strategy, test_test_covar, test_train_covar = self._prepare(test_test_covar, test_train_covar)
         if sum(test_train_covar.shape[-2:]) <= settings.max_eager_kernel_size.value():
-            test_train_covar = test_train_covar.to_dense()
-            test_test_covar = test_test_covar.to_dense()
+            test_train_covar = _to_dense(test_train_covar)
+            test_test_covar = _to_dense(test_test_covar)
+        elif _uses_cholesky(strategy.lik_train_train_covar):  # densified once, for the mean and covariance
+            test_train_covar = _to_dense(test_train_covar)
         mean, level_root = strategy._mean_and_level_root(test_mean, test_train_covar)
         return mean, strategy._covariance(test_test_covar, test_train_covar, level_root)
 
@@ -537,7 +597,8 @@ class _ImproperPriorLayer(Module):
             cross, level = column[..., :n, :], column[..., n:, :]
             half = level / 2 - cross  # K_a = R + half 1^T + 1 half^T: the covariance of f(x) - f(x0)
             ones = torch.ones_like(half)
-            low_rank = MatmulLinearOperator(torch.cat([half, ones], -1), torch.cat([ones, half], -1).mT)
+            left, right = torch.cat([half, ones], -1), torch.cat([ones, half], -1).mT
+            low_rank = MatmulLinearOperator(left, right)
             level_shift = None
         else:
             if self.shift is not None:
@@ -547,7 +608,9 @@ class _ImproperPriorLayer(Module):
                     -1
                 )
                 level_shift = level_shift.squeeze(-1)
-            low_rank = RootLinearOperator(_constant_root(main, level_shift))
+            left = _constant_root(main, level_shift)
+            right = left.mT
+            low_rank = RootLinearOperator(left)
         on_training_inputs = self.training or (
             self.train_inputs is not None
             and len(inputs) == len(self.train_inputs)
@@ -555,7 +618,7 @@ class _ImproperPriorLayer(Module):
         )
         if on_training_inputs and n <= settings.max_cholesky_size.value():
             # The Cholesky path densifies it anyway: one dense matrix spares linear_operator's bookkeeping
-            representative = to_linear_operator(main.to_dense() + low_rank.to_dense())
+            representative = to_linear_operator(_dense_plus_low_rank(main.to_dense(), left, right))
         else:
             representative = SumLinearOperator(main, low_rank)
         prior = ImproperMultivariateNormal(output.loc[..., :n], representative)
