@@ -125,6 +125,27 @@ def _uses_cholesky(covariance: LinearOperator) -> bool:
     return settings.fast_computations.solves.off() or size <= settings.max_cholesky_size.value()
 
 
+def _refined_solve(matrix: LinearOperator, rhs: Tensor, max_refinements: int = 2) -> Tensor:
+    r"""``matrix.solve(rhs)`` refined until the relative residual meets ``eval_cg_tolerance``.
+
+    linear_operator's CG stops updating once :math:`p^\top A p` of its (unit-norm) right-hand side falls under
+    1e-10, a floor near a relative residual of 1e-5 whatever tolerance is asked. Iterative refinement,
+    :math:`x \leftarrow x + A^{-1}(b - Ax)`, restarts CG on the normalised residual and so multiplies the
+    accuracy by that floor each round; the check costs one product with the matrix. Here it matters more than
+    for GPyTorch's mean: the level term :math:`u u^\top / a` of the covariance goes through
+    :math:`a = 1^\top K^{-1} 1`, which dominates the variance far from the data.
+    """
+    solution = matrix.solve(rhs)
+    tolerance = settings.eval_cg_tolerance.value()
+    scale = rhs.norm(dim=-2).clamp_min(torch.finfo(rhs.dtype).tiny)
+    for _ in range(max_refinements):
+        residual = rhs - matrix.matmul(solution)
+        if bool(torch.all(residual.norm(dim=-2) <= tolerance * scale)):
+            break
+        solution = solution + matrix.solve(residual)
+    return solution
+
+
 def _add_constant(matrix: Tensor | LinearOperator, shift: Tensor) -> Tensor | LinearOperator:
     """matrix + shift (every entry; a rectangular block), dense if the matrix is, else a rank-one term."""
     if isinstance(matrix, Tensor):
@@ -379,7 +400,7 @@ class ImproperPredictionStrategy(DefaultPredictionStrategy):
             covariance = covariance.evaluate_kernel()  # once: a solve would rebuild a lazy kernel per call
 
             def solve(matrix: LinearOperator) -> Tensor:
-                return matrix.solve(rhs)
+                return _refined_solve(matrix, rhs)
 
         solution, extra = _solve_with_shift_retries(
             covariance,
@@ -439,9 +460,24 @@ class ImproperPredictionStrategy(DefaultPredictionStrategy):
             return gpytorch_covariance(self, test_test_covar, test_train_covar)
         if _uses_cholesky(self.lik_train_train_covar):
             covariance = self._cholesky_predictive_covar(test_test_covar, test_train_covar)
+        elif settings.fast_pred_var.off():
+            covariance = self._cg_predictive_covar(test_test_covar, test_train_covar)
         else:
             covariance = gpytorch_covariance(self, test_test_covar, test_train_covar)
         return SumLinearOperator(to_linear_operator(covariance), RootLinearOperator(level_root))
+
+    def _cg_predictive_covar(self, test_test_covar, test_train_covar) -> LinearOperator:
+        r"""GPyTorch's dense-variance covariance :math:`K_{**} - K_{*X} K^{-1} K_{X*}` on the CG path, with
+        the solve refined to ``eval_cg_tolerance`` (:func:`_refined_solve`; GPyTorch's stops at CG's floor).
+        """
+        train_train_covar = self.lik_train_train_covar.evaluate_kernel()
+        if settings.detach_test_caches.on():
+            train_train_covar = train_train_covar.detach()
+        test_train_covar = _to_dense(test_train_covar)
+        correction = _refined_solve(train_train_covar, test_train_covar.mT)
+        if isinstance(test_test_covar, Tensor):
+            return to_linear_operator(test_test_covar - test_train_covar @ correction)
+        return test_test_covar + MatmulLinearOperator(test_train_covar, correction.mul(-1))
 
     def _cholesky_predictive_covar(self, test_test_covar, test_train_covar) -> LinearOperator:
         r"""GPyTorch's exact covariance :math:`K_{**} - K_{*X} K^{-1} K_{X*}` on the Cholesky path, as
