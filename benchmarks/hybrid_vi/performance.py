@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 
 import pyro
-import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI, Trace_ELBO
@@ -28,22 +27,9 @@ from pyro.infer.autoguide import AutoNormal
 
 from benchmarks.harness import Measurement, time_pair
 from pyro_ext.infer import HybridELBO, HybridGuide, NormalFamily
+from pyro_ext.testing.hybrid_toys import conjugate_model, discrete_model
 
 __all__ = ["run"]
-
-
-def conjugate_model(y=None):
-    d = pyro.sample("d", dist.Normal(torch.tensor(0.0), 1.0))
-    a = pyro.sample("a", dist.Normal(torch.tensor(0.0), 1.0))
-    with pyro.plate("obs", 2):
-        return pyro.sample("y", dist.Normal(a + d, 0.5), obs=y)
-
-
-def discrete_model(y=None):
-    d = pyro.sample("d", dist.Categorical(logits=torch.zeros(4)))
-    a = pyro.sample("a", dist.Normal(torch.tensor(0.0), 1.0))
-    with pyro.plate("obs", 2):
-        return pyro.sample("y", dist.Normal(a + d, 0.5), obs=y)
 
 
 def _stepper(model, guide, elbo, *args):

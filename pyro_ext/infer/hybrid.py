@@ -703,13 +703,17 @@ class HybridGuide(HybridQueries, AutoGuide):
     def reset_conditional(self) -> None:
         """Forget stage 2 (for a new data set); stage 1 is kept."""
         if self.conditional is not None:
-            prefix = f"{self._pyro_name}.conditional."
-            store = pyro.get_param_store()
-            for name in list(store.keys()):
-                if name.startswith(prefix):
-                    del store[name]
+            self._drop_conditional_params()
             del self.conditional
         self.conditional = None
+
+    def _drop_conditional_params(self) -> None:
+        """Remove stage 2's entries from Pyro's param store (they would shadow fresh or loaded values)."""
+        prefix = f"{self._pyro_name}.conditional."
+        store = pyro.get_param_store()
+        for name in list(store.keys()):
+            if name.startswith(prefix):
+                del store[name]
         self._num_dropped_mass = 0.0
 
     @property
@@ -957,10 +961,6 @@ class HybridGuide(HybridQueries, AutoGuide):
         if bool(self.forward_stage.fitted):
             self.freeze_forward()
         if self.conditional is not None:
-            prefix = f"{self._pyro_name}.conditional."
-            store = pyro.get_param_store()
-            for name in list(store.keys()):
-                if name.startswith(prefix):
-                    del store[name]
+            self._drop_conditional_params()
         self._observed_cache = self._context_cache = None
         return result

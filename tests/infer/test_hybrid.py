@@ -32,23 +32,10 @@ from pyro_ext.infer import (
     PerSampleConditional,
 )
 from pyro_ext.testing import GuideTestMixin
+from pyro_ext.testing.hybrid_toys import conjugate_model, discrete_model
 
 POSTERIOR_SD = math.sqrt(1 - 1 / 2.125)  # 0.7276
 CONDITIONAL_SD = 1 / 3
-
-
-def conjugate_model(y=None):
-    d = pyro.sample("d", dist.Normal(torch.tensor(0.0), 1.0))
-    a = pyro.sample("a", dist.Normal(torch.tensor(0.0), 1.0))
-    with pyro.plate("obs", 2):
-        return pyro.sample("y", dist.Normal(a + d, 0.5), obs=y)
-
-
-def discrete_model(y=None):
-    d = pyro.sample("d", dist.Categorical(logits=torch.zeros(4)))
-    a = pyro.sample("a", dist.Normal(torch.tensor(0.0), 1.0))
-    with pyro.plate("obs", 2):
-        return pyro.sample("y", dist.Normal(a + d, 0.5), obs=y)
 
 
 def _fit(guide: HybridGuide, num: int = 20_000, **options) -> HybridGuide:
