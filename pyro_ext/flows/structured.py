@@ -22,7 +22,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import pyro
 import pyro.distributions as dist
@@ -34,6 +34,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor, nn
 from torch.distributions import biject_to, constraints, transform_to
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from pyro_ext.flows.roots import fixed_root_iterations, implicit_step, monotone_root
 from pyro_ext.flows.site_bijectors import site_bijector
@@ -856,12 +857,14 @@ class StructuredTransform(_ModelProgram, Transform):
             with warnings.catch_warnings(), pyro.validation_enabled(False), fixed_root_iterations():
                 # Tracer warnings (Python values read off tensors) are what the probe below checks for.
                 warnings.simplefilter("ignore")
+                # make_fx records the pass as aten operations with the shapes of this key baked in (the
+                # captured graph is keyed on the input shape); tracing the Python pass directly would
+                # instead record every shape computation, which outnumbers the arithmetic ~3 to 1.
+                graph = make_fx(function)(*example)
                 if self.compile == "inductor":
-                    from torch.fx.experimental.proxy_tensor import make_fx
-
-                    captured = torch.compile(make_fx(function)(*example), fullgraph=True, dynamic=False)
+                    captured = torch.compile(graph, fullgraph=True, dynamic=False)
                 else:
-                    captured = torch.jit.trace(function, example, check_trace=False)
+                    captured = torch.jit.trace(graph, example, check_trace=False)
             with torch.no_grad():
                 probe = self._probe_inputs(direction, inputs, context)
                 expected = self._pass(direction, probe, context, batched=True)
@@ -1091,27 +1094,25 @@ class GatedStructuredTransform(StructuredTransform):
             for name, key in self._gate_keys.items()
         }
 
-    def _log_gates(self, name: str) -> tuple[Tensor, Tensor]:
+    def _log_gates(self, name: str) -> _Gates:
         cache = self.__dict__.get("_gate_cache")
         if cache is not None:
             return cache[name]
-        scaled = self.gate_temperature * self.gate_logits[self._gate_keys[name]]
-        # log(1 - lambda) = logsigmoid(-tau w) stays accurate when lambda rounds to 1.
-        return _log_sigmoid(scaled), _log_sigmoid(-scaled)
+        return _Gates.from_logits(self.gate_temperature * self.gate_logits[self._gate_keys[name]])
 
-    def _all_log_gates(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``(log lambda, log(1 - lambda))`` of every gated site, computed in one vectorised step (a
-        captured graph then has a few gate operations per pass instead of several per site)."""
+    def _all_log_gates(self) -> dict[str, _Gates]:
+        """The gates of every gated site, computed in one vectorised step (a captured graph then has a few
+        gate operations per pass instead of several per site)."""
         names = list(self._gate_keys)
         if not names:
             return {}
-        gates = [self.gate_logits[self._gate_keys[name]] for name in names]
-        scaled = self.gate_temperature * torch.cat([gate.reshape(-1) for gate in gates])
-        sizes = [gate.numel() for gate in gates]
-        log_gate, log_one_minus_gate = _log_sigmoid(scaled).split(sizes), _log_sigmoid(-scaled).split(sizes)
+        logits = [self.gate_logits[self._gate_keys[name]] for name in names]
+        gates = _Gates.from_logits(self.gate_temperature * torch.cat([logit.reshape(-1) for logit in logits]))
+        sizes = [logit.numel() for logit in logits]
+        pieces = zip(*(part.split(sizes) for part in gates))
         return {
-            name: (a.reshape(gate.shape), b.reshape(gate.shape))
-            for name, gate, a, b in zip(names, gates, log_gate, log_one_minus_gate)
+            name: _Gates(*(part.reshape(logit.shape) for part in parts))
+            for name, logit, parts in zip(names, logits, pieces)
         }
 
     def _pass(
@@ -1142,8 +1143,7 @@ class GatedStructuredTransform(StructuredTransform):
             unconstrained = value
             model_value = value if transform is None else transform(value)
         leaf = self._bijector(info.name, fn, "unconstrained").leaf
-        log_gate, log_one_minus_gate = self._log_gates(info.name)
-        noise, ladj, summed = _gated_to_noise(leaf, unconstrained, log_gate, log_one_minus_gate)
+        noise, ladj, summed = _gated_to_noise(leaf, unconstrained, self._log_gates(info.name))
         return noise, ladj_rows + _sum_rows(ladj, value.shape, summed, batched), model_value
 
     def _site_to_value(
@@ -1152,8 +1152,7 @@ class GatedStructuredTransform(StructuredTransform):
         if info.name in self.ungated_sites:
             return super()._site_to_value(info, fn, noise, batched)
         leaf = self._bijector(info.name, fn, "unconstrained").leaf
-        log_gate, log_one_minus_gate = self._log_gates(info.name)
-        unconstrained, ladj, summed = _gated_to_value(leaf, noise, log_gate, log_one_minus_gate)
+        unconstrained, ladj, summed = _gated_to_value(leaf, noise, self._log_gates(info.name))
         ladj_rows = _sum_rows(ladj, noise.shape, summed, batched)
         transform = _support_transform(fn)
         model_value = unconstrained if transform is None else transform(unconstrained)
@@ -1168,6 +1167,22 @@ class GatedStructuredTransform(StructuredTransform):
 # ----------------------------------------------------------------------------------------- gated maps
 
 
+class _Gates(NamedTuple):
+    r"""A site's gate :math:`\lambda = \mathrm{sigmoid}(\tau w)` as ``(log lambda, log(1 - lambda), lambda,
+    1 - lambda)``: log forms for the log-determinants, linear ones for the maps."""
+
+    log: Tensor
+    log_complement: Tensor
+    value: Tensor
+    complement: Tensor
+
+    @classmethod
+    def from_logits(cls, scaled: Tensor) -> _Gates:
+        # log(1 - lambda) = logsigmoid(-tau w) stays accurate when lambda rounds to 1
+        log_gate, log_complement = _log_sigmoid(scaled), _log_sigmoid(-scaled)
+        return cls(log_gate, log_complement, log_gate.exp(), log_complement.exp())
+
+
 def _log_sigmoid(z: Tensor) -> Tensor:
     """``log(sigmoid(z))`` to rounding for every z (``F.logsigmoid`` is ~1000x slower on tiny CPU tensors)."""
     return torch.clamp(z, max=0.0) - torch.log1p(torch.exp(-z.abs()))
@@ -1178,15 +1193,14 @@ def _event_gates(log_gate: Tensor, size: int) -> Tensor:
     return log_gate.expand(size) if log_gate.dim() == 0 else log_gate
 
 
-def _gated_to_noise(
-    leaf: Any, u: Tensor, log_gate: Tensor, log_one_minus_gate: Tensor
-) -> tuple[Tensor, Tensor, int]:
+def _gated_to_noise(leaf: Any, u: Tensor, gates: _Gates) -> tuple[Tensor, Tensor, int]:
     """Unconstrained value ``u`` -> noise of the gated leaf map; returns ``(noise, ladj, summed dims)``."""
-    gate, one_minus_gate = log_gate.exp(), log_one_minus_gate.exp()
+    log_gate, log_one_minus_gate, gate, one_minus_gate = gates
     kind = leaf.kind
     if kind == "affine_diag":
-        log_slope = torch.logaddexp(log_gate + leaf.scale.log(), log_one_minus_gate)
-        return (u - gate * leaf.loc) * torch.exp(-log_slope), -log_slope, 0
+        # a sum of two positive terms: no cancellation, so the linear scale is as accurate as logaddexp
+        slope = gate * leaf.scale + one_minus_gate
+        return (u - gate * leaf.loc) / slope, -slope.log(), 0
     if kind == "affine_tril":
         scale_tril = leaf.scale_tril
         size = scale_tril.shape[-1]
@@ -1242,15 +1256,13 @@ def _gated_to_noise(
     return noise, -torch.logaddexp(log_gate - log_inverse_derivative, log_one_minus_gate), 0
 
 
-def _gated_to_value(
-    leaf: Any, noise: Tensor, log_gate: Tensor, log_one_minus_gate: Tensor
-) -> tuple[Tensor, Tensor, int]:
+def _gated_to_value(leaf: Any, noise: Tensor, gates: _Gates) -> tuple[Tensor, Tensor, int]:
     """Noise -> unconstrained value of the gated leaf map; returns ``(u, ladj, summed dims)``."""
-    gate, one_minus_gate = log_gate.exp(), log_one_minus_gate.exp()
+    log_gate, log_one_minus_gate, gate, one_minus_gate = gates
     kind = leaf.kind
     if kind == "affine_diag":
-        log_slope = torch.logaddexp(log_gate + leaf.scale.log(), log_one_minus_gate)
-        return log_slope.exp() * noise + gate * leaf.loc, log_slope, 0
+        slope = gate * leaf.scale + one_minus_gate
+        return slope * noise + gate * leaf.loc, slope.log(), 0
     if kind == "affine_tril":
         scale_tril = leaf.scale_tril
         size = scale_tril.shape[-1]
