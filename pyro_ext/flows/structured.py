@@ -861,6 +861,8 @@ class StructuredTransform(_ModelProgram, Transform):
                 # captured graph is keyed on the input shape); tracing the Python pass directly would
                 # instead record every shape computation, which outnumbers the arithmetic ~3 to 1.
                 graph = make_fx(function)(*example)
+                graph.graph.eliminate_dead_code()  # e.g. the gates a site's map does not use
+                graph.recompile()
                 if self.compile == "inductor":
                     captured = torch.compile(graph, fullgraph=True, dynamic=False)
                 else:
