@@ -595,7 +595,7 @@ class StructuredTransform(_ModelProgram, Transform):
         in, and ``torch.jit.trace`` runs the recording (Pyro's JIT ELBOs trace too; root finders then run a
         fixed number of iterations). The graph is checked against an eager run on other inputs; where
         capture fails or they differ (value-dependent Python control flow) the layer stays eager with a
-        warning. On CPU this removes the Python cost of the model and the effect handlers (about 7x on a
+        warning. On CPU this removes the Python cost of the model and the effect handlers (about 6x on a
         30-step loop-written random walk). Layers with root-solved sites (mixtures, gated non-affine
         sites) run eagerly under ``"auto"``: their graphs would unroll the root finder's fixed iteration
         count. ``"inductor"`` compiles the recording with ``torch.compile`` instead: seconds to tens of
