@@ -1110,6 +1110,9 @@ class GatedStructuredTransform(StructuredTransform):
         if not names:
             return {}
         logits = [self.gate_logits[self._gate_keys[name]] for name in names]
+        if all(logit.dim() == 0 for logit in logits):  # one gate per site: unbind gives them as they are
+            gates = _Gates.from_logits(self.gate_temperature * torch.stack(logits))
+            return {name: _Gates(*parts) for name, parts in zip(names, zip(*(g.unbind() for g in gates)))}
         gates = _Gates.from_logits(self.gate_temperature * torch.cat([logit.reshape(-1) for logit in logits]))
         sizes = [logit.numel() for logit in logits]
         pieces = zip(*(part.split(sizes) for part in gates))
