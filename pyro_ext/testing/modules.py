@@ -99,7 +99,10 @@ class ModuleTestMixin:
             atol=self.float32_rtol,
         )
 
-    @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+    @pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="no CUDA device here: this checks placement on a GPU, which CPU-only CI cannot run",
+    )
     def test_cuda_matches_cpu(self) -> None:
         module = self.make_module()
         inputs = self.make_inputs()

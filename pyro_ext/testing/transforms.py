@@ -274,7 +274,10 @@ class TransformTestMixin:
                 value.double(), reference, rtol=self.float32_rtol, atol=self.float32_rtol
             )
 
-    @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+    @pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="no CUDA device here: this checks placement on a GPU, which CPU-only CI cannot run",
+    )
     def test_cuda_matches_cpu(self) -> None:
         transform = self._fresh_transform()
         inputs, noise, context = self.make_inputs(), self.make_noise(), self.make_context()

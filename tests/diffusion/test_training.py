@@ -239,7 +239,10 @@ def test_float32_training():
     assert bool(torch.isfinite(losses).all()) and next(net.parameters()).dtype == torch.float32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device here: this checks placement on a GPU, which CPU-only CI cannot run",
+)
 def test_cuda_training():
     net = MLPScore(2, hidden=16, depth=1).cuda()
     losses = train_dsm(net, torch.randn(500, 2), VPLinear().cuda(), 20, batch_size=50, progress=False)

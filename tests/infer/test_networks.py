@@ -229,7 +229,10 @@ def test_float32_model_matches_float64():
     assert net32.simulate(2).y.dtype == torch.float32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device here: this checks placement on a GPU, which CPU-only CI cannot run",
+)
 def test_model_simulator_and_rdcm_on_cuda():
     cpu = DelayedLinearNetwork(3, 40, max_delay=1, hrf=SHORT_HRF)
     gpu = DelayedLinearNetwork(3, 40, max_delay=1, hrf=SHORT_HRF).cuda()
